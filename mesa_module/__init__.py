@@ -1,0 +1,5 @@
+"""The mesa-layer as a PyTorch module: functional op, layer and a reference language model."""
+
+from .ops import mesa_attention
+
+__all__ = ["mesa_attention"]
