@@ -1,5 +1,6 @@
 """The mesa-layer as a PyTorch module: functional op, layer and a reference language model."""
 
+from .layer import MesaLayer, MesaState
 from .ops import mesa_attention
 
-__all__ = ["mesa_attention"]
+__all__ = ["mesa_attention", "MesaLayer", "MesaState"]
