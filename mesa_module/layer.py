@@ -60,6 +60,9 @@ class ShortConvolution(nn.Module):
         bound = 1.0 / math.sqrt(kernel_size)
         nn.init.uniform_(self.weight, -bound, bound)
 
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
+
     def forward(
         self, x: torch.Tensor, state: torch.Tensor | None = None, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
