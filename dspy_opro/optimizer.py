@@ -1,0 +1,721 @@
+"""OPRO: Optimization by PROmpting (Yang et al., 2023) as a DSPy optimizer.
+
+An optimizer model reads a meta-prompt holding the best instructions so far with their
+scores and a few task examples, and proposes new instructions. Each step samples
+``candidates_per_step`` proposals independently, scores the new ones on the training set
+through the task model, and adds them to the history the next meta-prompt shows.
+
+Programs with several predictors are optimized by block coordinate ascent: step ``s`` works
+on predictor ``(s - 1) % P``. That predictor gets its own meta-prompt, built from its own
+history and from the examples as it sees them (its inputs recorded from a run of the current
+best program). Each candidate changes that one predictor; the others keep their current best
+instructions, so one step costs ``candidates_per_step x len(trainset)`` metric calls whatever
+the number of predictors, and nothing already scored is ever re-scored. A candidate replaces
+the current best program only if it scores strictly higher on the training set.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any
+
+import dspy
+from dspy.teleprompt import Teleprompter
+from tqdm.auto import tqdm
+
+from .candidates import DEFAULT_MAX_LENGTH, dedup_key, normalize_instruction, rejection_reason
+from .exemplars import EXEMPLAR_STRATEGIES, select_exemplars
+from .history import Candidate, Checkpoint, RunState, StepRecord, digest
+from .meta_prompt import BASE_STOP, FAMILIES, Exemplar, extract_instruction, render_meta_prompt
+from .models import CallCounter, lm_name, resolve_lm
+from .scoring import Evaluation, MetricError, Scorer, as_score
+
+logger = logging.getLogger(__name__)
+
+MIN_TRAINSET_SIZE = 3
+_ALL_PREDICTORS = "*"  # the `predictor` of the initial configuration shared by all predictors
+_STOP_AFTER_FAILED_STEPS = 3
+
+
+class OPRO(Teleprompter):
+    """Optimize the instructions of a DSPy program with OPRO.
+
+    A drop-in replacement for ``dspy.COPRO`` / ``dspy.MIPROv2`` (instruction-only)::
+
+        optimizer = OPRO(metric=my_metric, prompt_model="openai/gpt-4o-mini")
+        optimized = optimizer.compile(program, trainset=train, valset=val)
+
+    Args:
+        metric: ``metric(example, prediction)`` returning a bool, a number in [0, 1] or a
+            ``dspy.Prediction`` with a ``score``. Scores are shown to the optimizer model as
+            integers from 0 to 100 (mean x 100).
+        prompt_model: The model that proposes instructions: a ``dspy.LM`` or a litellm model
+            string (``"openai/gpt-4o-mini"``, ``"ollama_chat/llama3"``, ``"local/smollm2"``).
+            Defaults to ``dspy.settings.lm`` at compile time.
+        task_model: The model that runs the program while scoring; same forms. Defaults to
+            ``dspy.settings.lm``. Predictors with their own ``lm`` keep it.
+        num_steps: Optimization steps after scoring the initial instructions.
+        candidates_per_step: Independent samples from the prompt model per step.
+        max_instructions_in_prompt: How many of the best instructions the meta-prompt shows.
+        num_exemplars: Training examples shown in the meta-prompt.
+        exemplar_selection: ``"random"``, ``"constant"``, ``"accumulative_most_frequent"`` or
+            ``"current_most_frequent"`` (see `dspy_opro.exemplars`).
+        temperature: Sampling temperature of the prompt model.
+        meta_prompt: ``"chat"`` (instruction-tuned optimizers), ``"paper"`` (the paper's
+            wording) or ``"base"`` (pretrained/small models; sent as a plain text completion
+            when the prompt model is a text-completion model). See `render_meta_prompt`.
+        initial_instructions: ``None`` (each predictor's current instruction), a string or
+            list of strings (for every predictor), or a dict from predictor name to a string
+            or list of strings. All are scored before the first step.
+        num_threads: Threads for scoring and sampling. Defaults to ``dspy.settings.num_threads``.
+        max_errors: Failed examples (task model or metric raised) tolerated per candidate;
+            past it the run stops with an error, after saving its history. Defaults to
+            ``dspy.settings.max_errors``.
+        max_metric_calls: Hard budget on scored (candidate, example) pairs, validation
+            included. The run stops cleanly before exceeding it and returns the best so far.
+        seed: Seeds exemplar draws and the sampling rollout ids; a rerun with the same seed
+            and the DSPy cache on repeats the same run.
+        log_dir: Directory for the JSON history, rewritten atomically after every step. A
+            ``compile`` with the same ``log_dir``, program, data and settings resumes the run.
+        track_stats: Attach ``candidate_programs``, ``trial_logs``, ``trajectory``,
+            ``call_counts`` and ``score`` to the returned program.
+        num_final_candidates: How many of the best training candidates are re-scored on
+            ``valset`` to choose the result.
+        max_instruction_length: Longer proposals are discarded (characters).
+        instruction_filter: Optional ``filter(text) -> bool``; proposals for which it returns
+            False are discarded (the reference drops digits on GSM8K, for example).
+        task_description: A short description of the task for the ``"base"`` meta-prompt;
+            derived from the predictor's signature by default.
+        show_progress: Show a progress bar over steps.
+    """
+
+    def __init__(
+        self,
+        metric: Callable,
+        *,
+        prompt_model: dspy.BaseLM | str | None = None,
+        task_model: dspy.BaseLM | str | None = None,
+        num_steps: int = 20,
+        candidates_per_step: int = 8,
+        max_instructions_in_prompt: int = 20,
+        num_exemplars: int = 3,
+        exemplar_selection: str = "random",
+        temperature: float = 1.0,
+        meta_prompt: str = "chat",
+        initial_instructions: str | Sequence[str] | Mapping[str, str | Sequence[str]] | None = None,
+        num_threads: int | None = None,
+        max_errors: int | None = None,
+        max_metric_calls: int | None = None,
+        seed: int = 0,
+        log_dir: str | None = None,
+        track_stats: bool = True,
+        num_final_candidates: int = 5,
+        max_instruction_length: int = DEFAULT_MAX_LENGTH,
+        instruction_filter: Callable[[str], bool] | None = None,
+        task_description: str | None = None,
+        show_progress: bool = True,
+    ):
+        super().__init__()
+        if not callable(metric):
+            raise TypeError(f"metric must be callable as metric(example, prediction), got {type(metric).__name__}")
+        _check_int("num_steps", num_steps, minimum=0)
+        _check_int("candidates_per_step", candidates_per_step, minimum=1)
+        _check_int("max_instructions_in_prompt", max_instructions_in_prompt, minimum=1)
+        _check_int("num_exemplars", num_exemplars, minimum=0)
+        _check_int("num_final_candidates", num_final_candidates, minimum=1)
+        _check_int("max_instruction_length", max_instruction_length, minimum=1)
+        _check_int("seed", seed, minimum=None)
+        for name, value in (("num_threads", num_threads), ("max_errors", max_errors)):
+            if value is not None:
+                _check_int(name, value, minimum=1 if name == "num_threads" else 0)
+        if max_metric_calls is not None:
+            _check_int("max_metric_calls", max_metric_calls, minimum=1)
+        if exemplar_selection not in EXEMPLAR_STRATEGIES:
+            raise ValueError(f"exemplar_selection must be one of {EXEMPLAR_STRATEGIES}, got {exemplar_selection!r}")
+        if meta_prompt not in FAMILIES:
+            raise ValueError(f"meta_prompt must be one of {FAMILIES}, got {meta_prompt!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+            raise ValueError(f"temperature must be a number in [0, 2], got {temperature!r}")
+        if instruction_filter is not None and not callable(instruction_filter):
+            raise TypeError("instruction_filter must be a callable taking the instruction text")
+
+        self.metric = metric
+        self.prompt_model = resolve_lm(prompt_model, role="prompt_model")
+        self.task_model = resolve_lm(task_model, role="task_model")
+        self.num_steps = num_steps
+        self.candidates_per_step = candidates_per_step
+        self.max_instructions_in_prompt = max_instructions_in_prompt
+        self.num_exemplars = num_exemplars
+        self.exemplar_selection = exemplar_selection
+        self.temperature = float(temperature)
+        self.meta_prompt = meta_prompt
+        self.initial_instructions = initial_instructions
+        self.num_threads = num_threads
+        self.max_errors = max_errors
+        self.max_metric_calls = max_metric_calls
+        self.seed = seed
+        self.log_dir = log_dir
+        self.track_stats = track_stats
+        self.num_final_candidates = num_final_candidates
+        self.max_instruction_length = max_instruction_length
+        self.instruction_filter = instruction_filter
+        self.task_description = task_description
+        self.show_progress = show_progress
+
+    # ------------------------------------------------------------------ compile
+    def compile(
+        self, student: dspy.Module, *, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example] | None = None
+    ) -> dspy.Module:
+        """Optimize the instructions of ``student``.
+
+        Args:
+            student: The program. It is not modified; a new program is returned.
+            trainset: Examples (with inputs marked by ``with_inputs``) that candidates are
+                scored on.
+            valset: Optional held-out examples. When given, the ``num_final_candidates`` best
+                candidates by training score are re-scored on it and the best there is
+                returned. Without it the best training score wins; training scores tend to
+                overstate held-out accuracy (by 5-20 points in the OPRO paper), so pass a
+                valset when you can. No split of ``trainset`` is ever made silently.
+
+        Returns:
+            A copy of ``student`` whose predictors carry the chosen instructions.
+        """
+        run = _Run(self, student, list(trainset), None if valset is None else list(valset))
+        return run.execute()
+
+    def get_params(self) -> dict[str, Any]:
+        """The optimizer's settings; LM objects are shown by model name only."""
+        params = dict(self.__dict__)
+        for key in ("prompt_model", "task_model"):
+            params[key] = lm_name(params[key])
+        return params
+
+
+def _check_int(name: str, value: Any, *, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+
+def _check_examples(name: str, examples: list, *, minimum: int) -> None:
+    if len(examples) < minimum:
+        raise ValueError(
+            f"{name} has {len(examples)} example(s); OPRO needs at least {minimum} to tell instructions apart "
+            "(a few dozen is typical: scores are averages over the set)"
+        )
+    for i, example in enumerate(examples):
+        if not isinstance(example, dspy.Example):
+            raise TypeError(f"{name}[{i}] is a {type(example).__name__}, not a dspy.Example")
+        if getattr(example, "_input_keys", None) is None:
+            raise ValueError(
+                f"{name}[{i}] has no input fields marked; build examples as "
+                "dspy.Example(question=..., answer=...).with_inputs('question')"
+            )
+
+
+def _describe_task(predictor) -> str:
+    signature = predictor.signature
+    inputs = ", ".join(signature.input_fields)
+    outputs = ", ".join(signature.output_fields)
+    return f"given {inputs}, produce {outputs}"
+
+
+def _rollout_id(seed: int, step: int, predictor: int, sample: int) -> int:
+    raw = hashlib.sha256(f"{seed}/{step}/{predictor}/{sample}".encode()).digest()
+    return int.from_bytes(raw[:6], "big")
+
+
+class _Run:
+    """One compile call: the state of the loop, kept off the optimizer so it can be reused."""
+
+    def __init__(self, opt: OPRO, student: dspy.Module, trainset: list, valset: list | None):
+        self.opt = opt
+        if not isinstance(student, dspy.Module):
+            raise TypeError(f"student must be a dspy.Module, got {type(student).__name__}")
+        self.student = student
+        self.names = [name for name, _ in student.named_predictors()]
+        if not self.names:
+            raise ValueError(
+                "the program has no predictors (dspy.Predict, dspy.ChainOfThought, ...), so it has no "
+                "instructions to optimize"
+            )
+        _check_examples("trainset", trainset, minimum=MIN_TRAINSET_SIZE)
+        if valset is not None:
+            _check_examples("valset", valset, minimum=1)
+        self.trainset, self.valset = trainset, valset
+        self.predictors = dict(student.named_predictors())
+        self.initial = self._initial_instructions()
+
+        self.task_lm = opt.task_model or dspy.settings.lm
+        self.prompt_lm = opt.prompt_model or dspy.settings.lm
+        if self.prompt_lm is None:
+            raise ValueError(
+                "no prompt model: pass OPRO(prompt_model=...) (a dspy.LM or a litellm model string) or "
+                "call dspy.configure(lm=...) first"
+            )
+        if self.task_lm is None and any(getattr(p, "lm", None) is None for p in self.predictors.values()):
+            raise ValueError(
+                "no task model: pass OPRO(task_model=...) (a dspy.LM or a litellm model string) or "
+                "call dspy.configure(lm=...) first"
+            )
+        self._check_metric()
+
+        self.num_threads = opt.num_threads or dspy.settings.num_threads or 1
+        max_errors = opt.max_errors if opt.max_errors is not None else dspy.settings.max_errors
+        self.checkpoint = Checkpoint(opt.log_dir) if opt.log_dir else None
+        if self.checkpoint:
+            self.checkpoint.check_writable()
+        self.state = self._load_or_start()
+        self.counts = self.state.counts
+        self.task_counter = CallCounter(self.counts.task, forward_to=dspy.settings.usage_tracker)
+        self.prompt_counter = CallCounter(self.counts.prompt, forward_to=dspy.settings.usage_tracker)
+        self.scorer = Scorer(
+            opt.metric,
+            task_lm=opt.task_model,
+            num_threads=self.num_threads,
+            max_errors=max_errors,
+            counts=self.counts,
+            counter=self.task_counter,
+        )
+        self.budget_exhausted = False
+
+    # ------------------------------------------------------------ set-up checks
+    def _initial_instructions(self) -> dict[str, list[str]]:
+        spec = self.opt.initial_instructions
+        current = {name: p.signature.instructions for name, p in self.predictors.items()}
+        if spec is None:
+            per_name: dict[str, Any] = {}
+        elif isinstance(spec, str) or (isinstance(spec, Sequence) and not isinstance(spec, Mapping)):
+            per_name = {name: spec for name in self.names}
+        elif isinstance(spec, Mapping):
+            unknown = sorted(set(spec) - set(self.names))
+            if unknown:
+                raise ValueError(
+                    f"initial_instructions names unknown predictors {unknown}; the program has {self.names}"
+                )
+            per_name = dict(spec)
+        else:
+            raise TypeError("initial_instructions must be None, a string, a list of strings, or a dict of those")
+        result = {}
+        for name in self.names:
+            given = per_name.get(name, [current[name]])
+            given = [given] if isinstance(given, str) else list(given)
+            if not given or not all(isinstance(text, str) for text in given):
+                raise ValueError(f"initial_instructions for {name!r} must be a non-empty list of strings")
+            unique = list(dict.fromkeys(given))
+            result[name] = unique
+        return result
+
+    def _check_metric(self) -> None:
+        """Call the metric once on a gold prediction: a wrong return type fails before any LM call."""
+        example = self.trainset[0]
+        labels = example.labels()
+        if not len(labels):
+            return
+        try:
+            value = self.opt.metric(example, dspy.Prediction(**labels.toDict()))
+        except Exception as exc:  # metrics may legitimately need fields a gold label lacks
+            logger.debug("metric check on a gold prediction raised %r; checking again while scoring", exc)
+            return
+        try:
+            as_score(value)
+        except MetricError as exc:
+            raise MetricError(f"{exc} (checked on trainset[0] with its own labels as the prediction)") from None
+
+    def _fingerprint(self) -> dict[str, str]:
+        program = [
+            (name, list(p.signature.input_fields), list(p.signature.output_fields), p.signature.instructions)
+            for name, p in self.predictors.items()
+        ]
+        examples = lambda data: [(e.toDict(), sorted(e._input_keys)) for e in data]  # noqa: E731
+        opt = self.opt
+        settings = {
+            "meta_prompt": opt.meta_prompt,
+            "candidates_per_step": opt.candidates_per_step,
+            "max_instructions_in_prompt": opt.max_instructions_in_prompt,
+            "num_exemplars": opt.num_exemplars,
+            "exemplar_selection": opt.exemplar_selection,
+            "temperature": opt.temperature,
+            "seed": opt.seed,
+            "initial_instructions": self.initial,
+            "max_instruction_length": opt.max_instruction_length,
+            "task_description": opt.task_description,
+            "prompt_model": lm_name(self.prompt_lm),
+            "task_model": lm_name(self.task_lm),
+        }
+        return {
+            "program": digest(program),
+            "trainset": digest(examples(self.trainset)),
+            "valset": digest(None if self.valset is None else examples(self.valset)),
+            "settings": digest(settings),
+        }
+
+    def _load_or_start(self) -> RunState:
+        fingerprint = self._fingerprint()
+        if self.checkpoint is None:
+            return RunState(fingerprint=fingerprint)
+        state = self.checkpoint.load()
+        if state is None:
+            return RunState(fingerprint=fingerprint)
+        differing = [key for key in fingerprint if state.fingerprint.get(key) != fingerprint[key]]
+        if differing:
+            raise ValueError(
+                f"{str(self.checkpoint.path)!r} holds an OPRO run with a different {' and '.join(differing)}; "
+                "refusing to resume it. Use a new log_dir for this run, or delete that file to start over."
+            )
+        logger.info(
+            "Resuming OPRO from %s: %d candidates scored, %d steps done",
+            self.checkpoint.path,
+            len(state.candidates),
+            state.completed_steps,
+        )
+        return state
+
+    # -------------------------------------------------------------- the loop
+    def execute(self) -> dspy.Module:
+        self._log_plan()
+        if not self.state.candidates:
+            self._score_initial()
+        first_step = self.state.completed_steps + 1
+        bar = tqdm(
+            total=self.opt.num_steps,
+            initial=min(first_step - 1, self.opt.num_steps),
+            desc="OPRO",
+            unit="step",
+            disable=not self.opt.show_progress,
+        )
+        failed_steps = 0
+        try:
+            bar.set_postfix(best=f"{self.state.best.score:.1f}")
+            for step in range(first_step, self.opt.num_steps + 1):
+                if self._loop_budget() < len(self.trainset):
+                    self._stop_for_budget(step)
+                    break
+                all_failed = self._step(step)
+                bar.update(1)
+                bar.set_postfix(best=f"{self.state.best.score:.1f}")
+                failed_steps = failed_steps + 1 if all_failed else 0
+                if failed_steps >= _STOP_AFTER_FAILED_STEPS:
+                    logger.error(
+                        "The prompt model failed on every sample for %d steps in a row; stopping early. "
+                        "Check the prompt model (API key, model name, rate limits).",
+                        failed_steps,
+                    )
+                    break
+                if self.budget_exhausted:
+                    break
+        finally:
+            bar.close()
+        chosen = self._select()
+        self._save()
+        return self._result(chosen)
+
+    def _log_plan(self) -> None:
+        n_train, opt = len(self.trainset), self.opt
+        initial = sum(len(v) for v in self.initial.values()) - (len(self.names) - 1)
+        per_step = opt.candidates_per_step * n_train
+        validation = min(opt.num_final_candidates, 1 + opt.num_steps * opt.candidates_per_step) * len(self.valset or [])
+        total = initial * n_train + opt.num_steps * per_step + validation
+        logger.info(
+            "OPRO plan: %d predictor(s), %d training and %d validation examples, %d threads. "
+            "Initial instructions: %d x %d = %d metric calls. Each step: %d prompt-model calls, then up to "
+            "%d new candidates x %d examples = %d metric calls. %d steps: at most %d metric calls in total%s "
+            "(about %d task-model calls per metric call).",
+            len(self.names),
+            n_train,
+            len(self.valset or []),
+            self.num_threads,
+            initial,
+            n_train,
+            initial * n_train,
+            opt.candidates_per_step,
+            opt.candidates_per_step,
+            n_train,
+            per_step,
+            opt.num_steps,
+            total,
+            f", capped at max_metric_calls={opt.max_metric_calls}" if opt.max_metric_calls else "",
+            len(self.names),
+        )
+
+    def _validation_reserve(self) -> int:
+        if self.valset is None:
+            return 0
+        return self.opt.num_final_candidates * len(self.valset)
+
+    def _loop_budget(self) -> float:
+        """Metric calls still available to the optimization loop."""
+        if self.opt.max_metric_calls is None:
+            return float("inf")
+        return self.opt.max_metric_calls - self._validation_reserve() - self.counts.metric_calls
+
+    def _stop_for_budget(self, step: int) -> None:
+        self.budget_exhausted = True
+        logger.info(
+            "Stopping before step %d: max_metric_calls=%d leaves too little for another candidate "
+            "(%d metric calls spent, %d kept for validation).",
+            step,
+            self.opt.max_metric_calls,
+            self.counts.metric_calls,
+            self._validation_reserve(),
+        )
+
+    def _program(self, instructions: Mapping[str, str]) -> dspy.Module:
+        program = self.student.deepcopy()
+        for name, predictor in program.named_predictors():
+            predictor.signature = predictor.signature.with_instructions(instructions[name])
+        return program
+
+    def _score(self, configs: list[dict[str, str]]) -> list[Evaluation]:
+        programs = [self._program(config) for config in configs]
+        return self.scorer.evaluate(programs, self.trainset, capture_traces=True)
+
+    def _add(self, step: int, predictor: str, config: dict[str, str], evaluation: Evaluation) -> Candidate:
+        candidate = Candidate(
+            id=len(self.state.candidates),
+            step=step,
+            predictor=predictor,
+            instruction=config[predictor] if predictor in config else config[self.names[0]],
+            instructions=dict(config),
+            score=evaluation.score,
+            per_example=[round(s, 6) for s in evaluation.scores],
+            failures=evaluation.failures,
+        )
+        self.state.candidates.append(candidate)
+        best = self.state.best
+        if best is None or candidate.score > best.score:
+            self.state.best_id = candidate.id
+            self.state.best_traces = evaluation.traces or []
+        if evaluation.failures:
+            logger.warning(
+                "%d example(s) failed while scoring candidate %d; first: %s",
+                evaluation.failures,
+                candidate.id,
+                evaluation.first_error,
+            )
+        return candidate
+
+    def _score_initial(self) -> None:
+        base = {name: texts[0] for name, texts in self.initial.items()}
+        configs: list[tuple[str, dict[str, str]]] = [(self.names[0] if len(self.names) == 1 else _ALL_PREDICTORS, base)]
+        for name, texts in self.initial.items():
+            configs += [(name, {**base, name: text}) for text in texts[1:]]
+        need = len(configs) * len(self.trainset)
+        if self._loop_budget() < need:
+            raise ValueError(
+                f"max_metric_calls={self.opt.max_metric_calls} cannot cover scoring the {len(configs)} initial "
+                f"instruction(s) on {len(self.trainset)} examples ({need} calls) plus validation "
+                f"({self._validation_reserve()} calls); raise it or use fewer examples"
+            )
+        evaluations = self._score([config for _, config in configs])
+        for (predictor, config), evaluation in zip(configs, evaluations, strict=True):
+            self._add(0, predictor, config, evaluation)
+        best = self.state.best
+        self.state.steps.append(
+            StepRecord(0, "", [], "", 0, [c.id for c in self.state.candidates], best.score, best.id)
+        )
+        self._save()
+        logger.info("Initial instructions scored; best %.1f: %r", best.score, best.instruction)
+
+    def _history_of(self, name: str) -> list[Candidate]:
+        return [c for c in self.state.candidates if c.predictor in (name, _ALL_PREDICTORS)]
+
+    def _exemplars(self, step: int, index: int, name: str, history: list[Candidate]) -> list[int]:
+        def wrong(candidates):
+            counter: Counter = Counter()
+            for candidate in candidates:
+                counter.update(j for j, s in enumerate(candidate.per_example) if s < 1.0)
+            return counter
+
+        shown = sorted(history, key=lambda c: c.score)[-self.opt.max_instructions_in_prompt :]
+        return select_exemplars(
+            self.opt.exemplar_selection,
+            n_examples=len(self.trainset),
+            k=self.opt.num_exemplars,
+            seed=self.opt.seed,
+            step=step,
+            wrong_ever=wrong(history),
+            wrong_current=wrong(shown),
+            salt=str(index) if len(self.names) > 1 else "",
+        )
+
+    def _exemplar(self, j: int, name: str) -> Exemplar:
+        example = self.trainset[j]
+        traced = self.state.best_traces[j].get(name) if j < len(self.state.best_traces) else None
+        inputs = traced or {k: str(v) for k, v in example.inputs().items()}
+        answer = {k: str(v) for k, v in example.labels().items()}
+        return Exemplar(inputs=inputs, answer=answer)
+
+    def meta_prompt_for(self, step: int, index: int) -> tuple[str, list[int]]:
+        """The meta-prompt of ``step`` for predictor ``index``, and the exemplar indices it shows."""
+        name = self.names[index]
+        history = self._history_of(name)
+        chosen = self._exemplars(step, index, name, history)
+        task = self.opt.task_description or _describe_task(self.predictors[name])
+        text = render_meta_prompt(
+            self.opt.meta_prompt,
+            [(c.instructions[name], c.score) for c in history],
+            [self._exemplar(j, name) for j in chosen],
+            max_instructions=self.opt.max_instructions_in_prompt,
+            task_description=task,
+        )
+        return text, chosen
+
+    def _sample(self, text: str, step: int, index: int) -> list[str | Exception]:
+        """``candidates_per_step`` independent replies of the prompt model (or the error each raised)."""
+        opt = self.opt
+        call_kwargs: dict[str, Any] = {}
+        if opt.meta_prompt == "base":
+            call_kwargs["stop"] = [BASE_STOP]
+
+        def one(sample: int):
+            overrides: dict[str, Any] = {"temperature": opt.temperature}
+            if opt.temperature > 0:  # the rollout id only matters (and is only allowed quietly) when sampling
+                overrides["rollout_id"] = _rollout_id(opt.seed, step, index, sample)
+            lm = self.prompt_lm.copy(**overrides)
+            try:
+                with self.prompt_counter.context():
+                    outputs = lm(text, **call_kwargs)
+            except Exception as exc:
+                return exc
+            first = outputs[0] if outputs else ""
+            return first.get("text") or "" if isinstance(first, dict) else str(first or "")
+
+        workers = min(self.num_threads, opt.candidates_per_step)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opro-propose") as pool:
+            futures = [pool.submit(contextvars.copy_context().run, one, j) for j in range(opt.candidates_per_step)]
+            return [f.result() for f in futures]
+
+    def _propose(self, step: int, index: int, replies: list[str | Exception]) -> list[str]:
+        name = self.names[index]
+        seen = {dedup_key(c.instructions[name]) for c in self._history_of(name)}
+        accepted = []
+        for reply in replies:
+            self.counts.proposals += 1
+            if isinstance(reply, Exception):  # counted in counts.prompt.errors by the call counter
+                logger.warning("Prompt model call failed at step %d: %s: %s", step, type(reply).__name__, reply)
+                continue
+            extracted = extract_instruction(self.opt.meta_prompt, reply)
+            if extracted is None:
+                self.counts.unparsed += 1
+                logger.debug("No instruction found in reply at step %d: %r", step, reply[:200])
+                continue
+            text = normalize_instruction(extracted)
+            reason = rejection_reason(
+                text, max_length=self.opt.max_instruction_length, extra_filter=self.opt.instruction_filter
+            )
+            if reason is not None:
+                self.counts.rejected[reason] = self.counts.rejected.get(reason, 0) + 1
+                continue
+            key = dedup_key(text)
+            if key in seen:
+                self.counts.duplicates += 1
+                continue
+            seen.add(key)
+            accepted.append(text)
+        return accepted
+
+    def _step(self, step: int) -> bool:
+        """Run one step; returns True if every prompt-model sample failed with an error."""
+        index = (step - 1) % len(self.names)
+        name = self.names[index]
+        text, chosen = self.meta_prompt_for(step, index)
+        logger.debug("Meta-prompt at step %d for %s:\n%s", step, name, text)
+        replies = self._sample(text, step, index)
+        proposals = self._propose(step, index, replies)
+
+        budget = self._loop_budget()
+        affordable = len(proposals) if budget == float("inf") else int(budget // len(self.trainset))
+        if affordable < len(proposals):
+            proposals = proposals[:affordable]
+            self.budget_exhausted = True
+            logger.info("max_metric_calls reached: scoring %d candidate(s) at step %d, then stopping", affordable, step)
+        base = self.state.best.instructions
+        configs = [{**base, name: proposal} for proposal in proposals]
+        evaluations = self._score(configs) if configs else []
+        new = [self._add(step, name, config, ev) for config, ev in zip(configs, evaluations, strict=True)]
+        best = self.state.best
+        self.state.steps.append(
+            StepRecord(step, name, chosen, text, len(replies), [c.id for c in new], best.score, best.id)
+        )
+        self._save()
+        logger.info(
+            "Step %d (%s): %d new candidate(s)%s; best %.1f",
+            step,
+            name,
+            len(new),
+            f" scoring {', '.join(f'{c.score:.1f}' for c in new)}" if new else "",
+            best.score,
+        )
+        return bool(replies) and all(isinstance(r, Exception) for r in replies)
+
+    # --------------------------------------------------------- final choice
+    def _select(self) -> Candidate:
+        candidates = self.state.candidates
+        if self.valset is None:
+            self.state.selection = {"on": "trainset", "chosen": self.state.best_id}
+            return self.state.best
+        ranked, seen = [], set()
+        for candidate in sorted(candidates, key=lambda c: (-c.score, c.id)):
+            key = tuple(sorted(candidate.instructions.items()))
+            if key not in seen:
+                seen.add(key)
+                ranked.append(candidate)
+        finalists = ranked[: self.opt.num_final_candidates]
+        todo = [c for c in finalists if c.val_score is None]
+        if self.opt.max_metric_calls is not None:
+            room = (self.opt.max_metric_calls - self.counts.metric_calls) // len(self.valset)
+            skipped = todo[max(room, 0) :]
+            todo = todo[: max(room, 0)]
+            if skipped:
+                logger.warning("max_metric_calls leaves no room to validate %d finalist(s)", len(skipped))
+        if todo:
+            programs = [self._program(c.instructions) for c in todo]
+            for candidate, evaluation in zip(todo, self.scorer.evaluate(programs, self.valset), strict=True):
+                candidate.val_score = evaluation.score
+        validated = [c for c in finalists if c.val_score is not None]
+        chosen = max(validated, key=lambda c: (c.val_score, c.score, -c.id)) if validated else self.state.best
+        self.state.selection = {"on": "valset", "finalists": [c.id for c in finalists], "chosen": chosen.id}
+        logger.info(
+            "Chose candidate %d: train %.1f, validation %s",
+            chosen.id,
+            chosen.score,
+            "n/a" if chosen.val_score is None else f"{chosen.val_score:.1f}",
+        )
+        return chosen
+
+    def _save(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.save(self.state)
+
+    def _result(self, chosen: Candidate) -> dspy.Module:
+        program = self._program(chosen.instructions)
+        if not self.opt.track_stats:
+            return program
+        others = sorted(
+            (c for c in self.state.candidates if c.id != chosen.id),
+            key=lambda c: (c.val_score if c.val_score is not None else -1.0, c.score),
+            reverse=True,
+        )
+        program.candidate_programs = [chosen.summary()] + [c.summary() for c in others]
+        program.trial_logs = [asdict(s) for s in self.state.steps]
+        program.trajectory = [
+            {
+                "step": s.step,
+                "predictor": s.predictor,
+                "best_score": s.best_score,
+                "candidate_scores": [self.state.candidates[i].score for i in s.new_candidates],
+            }
+            for s in self.state.steps
+        ]
+        program.call_counts = self.counts.as_dict()
+        program.score = chosen.val_score if chosen.val_score is not None else chosen.score
+        return program
