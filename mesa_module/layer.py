@@ -311,7 +311,8 @@ class MesaLayer(nn.Module):
         if return_state:
             o, (h, g) = o
         if self.o_norm is not None:
-            o = self.o_norm(o)
+            # In the norm's own precision: under autocast ``o`` is half precision and the norm is not autocast.
+            o = self.o_norm(o.to(self.o_norm.weight.dtype)).to(o.dtype)
         if self.g_proj is not None:
             o = o * F.silu(self.g_proj(x)).reshape(B, T, H, D)
         y = self.o_proj(o.reshape(B, T, H * D))
