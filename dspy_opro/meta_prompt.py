@@ -183,7 +183,7 @@ def _from_brackets(reply: str) -> str | None:
 
 def _from_bare_reply(reply: str) -> str | None:
     text = reply.strip()
-    if text and "\n" not in text and len(text) <= _MAX_BARE_REPLY:
+    if text and "\n" not in text and len(text) <= _MAX_BARE_REPLY and _LETTER.search(text):
         return text
     return None
 
