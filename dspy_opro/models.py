@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import logging
 import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,3 +148,51 @@ class Counts:
             duplicates=data.get("duplicates", 0),
             rejected=dict(data.get("rejected", {})),
         )
+
+
+def rollout_id(*key: object) -> int:
+    """A stable integer id for one sample, derived from ``key`` (e.g. seed, step, sample index).
+
+    DSPy keys its cache on the rollout id, so samples with distinct ids are independent even
+    with the cache on, and a rerun with the same key replays the same sample from the cache.
+    """
+    raw = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+    return int.from_bytes(raw[:6], "big")
+
+
+def sample_replies(
+    lm: dspy.BaseLM,
+    prompt: str,
+    n: int,
+    *,
+    temperature: float,
+    key: Sequence[object],
+    counter: CallCounter | None = None,
+    stop: Sequence[str] | None = None,
+    num_threads: int = 1,
+) -> list[str | Exception]:
+    """``n`` independent replies of ``lm`` to ``prompt``, sampled in parallel threads.
+
+    Each sample is a separate call with its own rollout id (``key`` plus the sample index),
+    so replies differ at ``temperature > 0`` even with DSPy's cache on. A sample whose call
+    raises is returned as the exception, in its position, so one failure never loses the
+    other replies.
+    """
+
+    def one(sample: int) -> str | Exception:
+        overrides: dict[str, Any] = {"temperature": temperature}
+        if temperature > 0:  # DSPy warns about a rollout id at temperature 0, where it changes nothing
+            overrides["rollout_id"] = rollout_id(*key, sample)
+        sampler = lm.copy(**overrides)
+        kwargs = {"stop": list(stop)} if stop else {}
+        try:
+            with counter.context() if counter is not None else dspy.context():
+                outputs = sampler(prompt, **kwargs)
+        except Exception as exc:
+            return exc
+        first = outputs[0] if outputs else ""
+        return (first.get("text") or "") if isinstance(first, dict) else str(first or "")
+
+    with ThreadPoolExecutor(max_workers=max(1, min(num_threads, n)), thread_name_prefix="opro-sample") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, one, j) for j in range(n)]
+        return [future.result() for future in futures]

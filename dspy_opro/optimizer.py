@@ -16,12 +16,9 @@ the current best program only if it scores strictly higher on the training set.
 
 from __future__ import annotations
 
-import contextvars
-import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -33,7 +30,7 @@ from .candidates import DEFAULT_MAX_LENGTH, dedup_key, normalize_instruction, re
 from .exemplars import EXEMPLAR_STRATEGIES, select_exemplars
 from .history import Candidate, Checkpoint, RunState, StepRecord, digest
 from .meta_prompt import BASE_STOP, FAMILIES, Exemplar, extract_instruction, render_meta_prompt
-from .models import CallCounter, lm_name, resolve_lm
+from .models import CallCounter, lm_name, resolve_lm, sample_replies
 from .scoring import Evaluation, MetricError, Scorer, as_score
 
 logger = logging.getLogger(__name__)
@@ -226,11 +223,6 @@ def _describe_task(predictor) -> str:
     inputs = ", ".join(signature.input_fields)
     outputs = ", ".join(signature.output_fields)
     return f"given {inputs}, produce {outputs}"
-
-
-def _rollout_id(seed: int, step: int, predictor: int, sample: int) -> int:
-    raw = hashlib.sha256(f"{seed}/{step}/{predictor}/{sample}".encode()).digest()
-    return int.from_bytes(raw[:6], "big")
 
 
 class _Run:
@@ -569,31 +561,6 @@ class _Run:
         )
         return text, chosen
 
-    def _sample(self, text: str, step: int, index: int) -> list[str | Exception]:
-        """``candidates_per_step`` independent replies of the prompt model (or the error each raised)."""
-        opt = self.opt
-        call_kwargs: dict[str, Any] = {}
-        if opt.meta_prompt == "base":
-            call_kwargs["stop"] = [BASE_STOP]
-
-        def one(sample: int):
-            overrides: dict[str, Any] = {"temperature": opt.temperature}
-            if opt.temperature > 0:  # the rollout id only matters (and is only allowed quietly) when sampling
-                overrides["rollout_id"] = _rollout_id(opt.seed, step, index, sample)
-            lm = self.prompt_lm.copy(**overrides)
-            try:
-                with self.prompt_counter.context():
-                    outputs = lm(text, **call_kwargs)
-            except Exception as exc:
-                return exc
-            first = outputs[0] if outputs else ""
-            return first.get("text") or "" if isinstance(first, dict) else str(first or "")
-
-        workers = min(self.num_threads, opt.candidates_per_step)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opro-propose") as pool:
-            futures = [pool.submit(contextvars.copy_context().run, one, j) for j in range(opt.candidates_per_step)]
-            return [f.result() for f in futures]
-
     def _propose(self, step: int, index: int, replies: list[str | Exception]) -> list[str]:
         name = self.names[index]
         seen = {dedup_key(c.instructions[name]) for c in self._history_of(name)}
@@ -629,7 +596,16 @@ class _Run:
         name = self.names[index]
         text, chosen = self.meta_prompt_for(step, index)
         logger.debug("Meta-prompt at step %d for %s:\n%s", step, name, text)
-        replies = self._sample(text, step, index)
+        replies = sample_replies(
+            self.prompt_lm,
+            text,
+            self.opt.candidates_per_step,
+            temperature=self.opt.temperature,
+            key=(self.opt.seed, step, index),
+            counter=self.prompt_counter,
+            stop=[BASE_STOP] if self.opt.meta_prompt == "base" else None,
+            num_threads=self.num_threads,
+        )
         proposals = self._propose(step, index, replies)
 
         budget = self._loop_budget()
