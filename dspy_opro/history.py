@@ -30,8 +30,11 @@ class Candidate:
         instruction: That predictor's instruction.
         instructions: The instruction of every predictor in this configuration.
         score: Training score, 0-100 (mean metric x 100).
-        per_example: Per-training-example metric values, in trainset order.
+        per_example: Per-training-example metric values, in trainset order; ``None`` where
+            screening stopped before running the example.
         failures: Training examples on which the program or metric raised.
+        evaluated: How many training examples were run (all, unless screening stopped it;
+            then ``score`` is the mean over those).
         val_score: Validation score, 0-100, if it was measured.
     """
 
@@ -41,8 +44,9 @@ class Candidate:
     instruction: str
     instructions: dict[str, str]
     score: float
-    per_example: list[float]
+    per_example: list[float | None]
     failures: int = 0
+    evaluated: int = 0
     val_score: float | None = None
 
     def summary(self) -> dict[str, Any]:

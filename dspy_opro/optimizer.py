@@ -32,6 +32,7 @@ from .history import Candidate, Checkpoint, RunState, StepRecord, digest
 from .meta_prompt import BASE_STOP, FAMILIES, Exemplar, extract_instruction, render_meta_prompt
 from .models import CallCounter, lm_name, resolve_lm, sample_replies
 from .scoring import Evaluation, MetricError, Scorer, as_score
+from .screening import example_order, screen
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class OPRO(Teleprompter):
             False are discarded (the reference drops digits on GSM8K, for example).
         task_description: A short description of the task for the ``"base"`` meta-prompt;
             derived from the predictor's signature by default.
+        screening: Score new candidates on a growing minibatch and stop scoring those that
+            cannot plausibly beat the best (see `dspy_opro.screening`). The best program is
+            still chosen on full training-set scores.
         show_progress: Show a progress bar over steps.
     """
 
@@ -116,6 +120,7 @@ class OPRO(Teleprompter):
         max_instruction_length: int = DEFAULT_MAX_LENGTH,
         instruction_filter: Callable[[str], bool] | None = None,
         task_description: str | None = None,
+        screening: bool = False,
         show_progress: bool = True,
     ):
         super().__init__()
@@ -163,6 +168,7 @@ class OPRO(Teleprompter):
         self.max_instruction_length = max_instruction_length
         self.instruction_filter = instruction_filter
         self.task_description = task_description
+        self.screening = bool(screening)
         self.show_progress = show_progress
 
     # ------------------------------------------------------------------ compile
@@ -340,6 +346,7 @@ class _Run:
             "initial_instructions": self.initial,
             "max_instruction_length": opt.max_instruction_length,
             "task_description": opt.task_description,
+            "screening": opt.screening,
             "prompt_model": lm_name(self.prompt_lm),
             "task_model": lm_name(self.task_lm),
         }
@@ -466,9 +473,17 @@ class _Run:
             predictor.signature = predictor.signature.with_instructions(instructions[name])
         return program
 
-    def _score(self, configs: list[dict[str, str]]) -> list[Evaluation]:
+    def _score(self, configs: list[dict[str, str]], *, screened: bool = False) -> list[Evaluation]:
         programs = [self._program(config) for config in configs]
-        return self.scorer.evaluate(programs, self.trainset, capture_traces=True)
+        if not screened:
+            return self.scorer.evaluate(programs, self.trainset, capture_traces=True)
+        return screen(
+            self.scorer,
+            programs,
+            self.trainset,
+            threshold=self.state.best.score / 100,
+            order=example_order(len(self.trainset), self.opt.seed),
+        )
 
     def _add(self, step: int, predictor: str, config: dict[str, str], evaluation: Evaluation) -> Candidate:
         candidate = Candidate(
@@ -478,12 +493,14 @@ class _Run:
             instruction=config[predictor] if predictor in config else config[self.names[0]],
             instructions=dict(config),
             score=evaluation.score,
-            per_example=[round(s, 6) for s in evaluation.scores],
+            per_example=[None if s is None else round(s, 6) for s in evaluation.scores],
             failures=evaluation.failures,
+            evaluated=evaluation.evaluated,
         )
         self.state.candidates.append(candidate)
         best = self.state.best
-        if best is None or candidate.score > best.score:
+        complete = candidate.evaluated == len(self.trainset)
+        if complete and (best is None or candidate.score > best.score):
             self.state.best_id = candidate.id
             self.state.best_traces = evaluation.traces or []
         if evaluation.failures:
@@ -524,7 +541,7 @@ class _Run:
         def wrong(candidates):
             counter: Counter = Counter()
             for candidate in candidates:
-                counter.update(j for j, s in enumerate(candidate.per_example) if s < 1.0)
+                counter.update(j for j, s in enumerate(candidate.per_example) if s is not None and s < 1.0)
             return counter
 
         shown = sorted(history, key=lambda c: c.score)[-self.opt.max_instructions_in_prompt :]
@@ -616,7 +633,7 @@ class _Run:
             logger.info("max_metric_calls reached: scoring %d candidate(s) at step %d, then stopping", affordable, step)
         base = self.state.best.instructions
         configs = [{**base, name: proposal} for proposal in proposals]
-        evaluations = self._score(configs) if configs else []
+        evaluations = self._score(configs, screened=self.opt.screening) if configs else []
         new = [self._add(step, name, config, ev) for config, ev in zip(configs, evaluations, strict=True)]
         best = self.state.best
         self.state.steps.append(
@@ -640,7 +657,8 @@ class _Run:
             self.state.selection = {"on": "trainset", "chosen": self.state.best_id}
             return self.state.best
         ranked, seen = [], set()
-        for candidate in sorted(candidates, key=lambda c: (-c.score, c.id)):
+        complete = (c for c in candidates if c.evaluated == len(self.trainset))
+        for candidate in sorted(complete, key=lambda c: (-c.score, c.id)):
             key = tuple(sorted(candidate.instructions.items()))
             if key not in seen:
                 seen.add(key)

@@ -49,21 +49,28 @@ class Evaluation:
     """One program scored on a list of examples.
 
     Attributes:
-        scores: Per-example metric values (failures count as 0.0), in example order.
+        scores: Per-example metric values (failures count as 0.0), in example order; ``None``
+            for examples the program was not run on (see `dspy_opro.screening`).
         failures: Examples where the program or the metric raised.
         first_error: A short description of the first failure, if any.
         traces: With ``capture_traces``, per example: predictor name -> the inputs it received.
     """
 
-    scores: list[float]
+    scores: list[float | None]
     failures: int = 0
     first_error: str | None = None
     traces: list[dict[str, dict[str, str]]] | None = None
 
     @property
+    def evaluated(self) -> int:
+        """How many examples the program was run on."""
+        return sum(s is not None for s in self.scores)
+
+    @property
     def score(self) -> float:
-        """Mean metric value as a percentage (0-100), DSPy's convention."""
-        return 100.0 * sum(self.scores) / len(self.scores) if self.scores else 0.0
+        """Mean metric value over the evaluated examples, as a percentage (0-100), DSPy's convention."""
+        done = [s for s in self.scores if s is not None]
+        return 100.0 * sum(done) / len(done) if done else 0.0
 
 
 def _predictor_inputs(program: dspy.Module, trace) -> dict[str, dict[str, str]]:

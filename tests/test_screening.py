@@ -1,0 +1,65 @@
+import dspy
+import pytest
+from opro_scripted import make_trainset, metric, task_lm
+
+from dspy_opro import OPRO
+from dspy_opro.screening import batch_ends, example_order, first_batch_size, wilson_upper
+from dspy_opro.testing import scripted_lm
+
+
+def test_wilson_upper_bound():
+    assert wilson_upper(0.0, 8) == pytest.approx(0.333, abs=1e-3)
+    assert wilson_upper(0.5, 10_000) == pytest.approx(0.51, abs=1e-3)
+    assert wilson_upper(1.0, 5) == pytest.approx(1.0) and wilson_upper(0.3, 0) == 1.0
+    # More evidence gives a tighter bound; the bound never falls below the observed mean.
+    bounds = [wilson_upper(0.3, n) for n in (4, 16, 64, 256)]
+    assert bounds == sorted(bounds, reverse=True) and all(b >= 0.3 for b in bounds)
+
+
+def test_batches_double_and_cover_the_set():
+    assert batch_ends(64, 8) == [8, 16, 32, 64]
+    assert batch_ends(50, 8) == [8, 16, 32, 50]
+    assert batch_ends(5, 8) == [5]
+    assert first_batch_size(261) == 33 and first_batch_size(20) == 8
+    assert sorted(example_order(30, 0)) == list(range(30)) and example_order(30, 0) == example_order(30, 0)
+
+
+def one_good_among_bad(call):
+    """Per meta-prompt: one proposal with both keywords, the rest hopeless."""
+    k = one_good_among_bad.counts.setdefault(call.user, 0)
+    one_good_among_bad.counts[call.user] = k + 1
+    return "<INS>Answer with the number only.</INS>" if k == 7 else f"<INS>Respond in style {k}.</INS>"
+
+
+def run(screening):
+    one_good_among_bad.counts = {}
+    return OPRO(
+        metric,
+        prompt_model=scripted_lm(one_good_among_bad, model="scripted/optimizer"),
+        task_model=task_lm(),
+        num_steps=1,
+        num_threads=4,
+        initial_instructions="Give the number.",  # scores 50
+        screening=screening,
+        show_progress=False,
+    ).compile(dspy.Predict("question -> answer"), trainset=make_trainset(64))
+
+
+def test_screening_finds_the_same_best_with_far_fewer_calls():
+    full, screened = run(False), run(True)
+    assert screened.predictors()[0].signature.instructions == "Answer with the number only."
+    assert full.predictors()[0].signature.instructions == "Answer with the number only."
+    assert screened.score == full.score == 100.0
+    assert full.call_counts["metric_calls"] == 64 * 9
+    # 64 for the initial instruction, 64 for the good candidate, 8 for each hopeless one.
+    assert screened.call_counts["metric_calls"] == 64 + 64 + 7 * 8
+    by_instruction = {c["instruction"]: c for c in screened.candidate_programs}
+    assert by_instruction["Respond in style 0."]["evaluated"] == 8
+    assert by_instruction["Answer with the number only."]["evaluated"] == 64
+
+
+def test_screened_out_candidates_are_never_chosen():
+    screened = run(True)
+    best = screened.candidate_programs[0]
+    assert best["evaluated"] == 64
+    assert all(c["evaluated"] == 64 for c in screened.candidate_programs if c["score"] >= best["score"])
