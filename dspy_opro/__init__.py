@@ -11,8 +11,8 @@ import os
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from .candidates import dedup_key, normalize_instruction  # noqa: E402
-from .local import register as _register_local_provider  # noqa: E402
 from .exemplars import EXEMPLAR_STRATEGIES  # noqa: E402
+from .local import register as _register_local_provider  # noqa: E402
 from .meta_prompt import FAMILIES, Exemplar, extract_instruction, render_meta_prompt  # noqa: E402
 from .optimizer import OPRO  # noqa: E402
 
