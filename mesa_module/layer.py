@@ -292,7 +292,7 @@ class MesaLayer(nn.Module):
             log_gamma = F.logsigmoid(self.gamma_proj(x).to(gate_dtype))
         if writes is not None:
             w = writes[..., None]
-            beta = w.to(gate_dtype) if beta is None else beta * w
+            beta = w.to(gate_dtype).expand(B, T, H) if beta is None else beta * w
             if log_gamma is not None:
                 log_gamma = log_gamma * w
 
