@@ -154,7 +154,8 @@ class OptimizationResult:
         best_solution: The best solution evaluated (a starting one if nothing better came).
         best_value: Its value.
         optimum: The problem's known optimum, if any.
-        optimum_step: The step whose proposals first reached the optimum, if one did.
+        optimum_step: The first step whose proposals reached the known optimum (0: a starting
+            solution), if any did.
         stop_reason: ``"optimum"``, ``"num_steps"``, ``"max_calls"`` or ``"lm_errors"``.
         best_per_step: The best value after the starting solutions (index 0) and after each step.
         proposals: Every starting solution and every reply, in order.
@@ -198,7 +199,6 @@ class _State:
     proposals: list[Proposal] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
     counts: NumericCounts = field(default_factory=NumericCounts)
-    optimum_step: int | None = None
     stop_reason: str | None = None
 
     def to_json(self, problem: Problem) -> dict[str, Any]:
@@ -212,7 +212,6 @@ class _State:
             "problem": problem.name,
             "fingerprint": self.fingerprint,
             "stop_reason": self.stop_reason,
-            "optimum_step": self.optimum_step,
             "counts": self.counts.as_dict(),
             "proposals": proposals,
             "steps": [asdict(s) for s in self.steps],
@@ -230,7 +229,6 @@ class _State:
             proposals=proposals,
             steps=[StepRecord(**s) for s in data["steps"]],
             counts=NumericCounts.from_dict(data.get("counts", {})),
-            optimum_step=data.get("optimum_step"),
             stop_reason=data.get("stop_reason"),
         )
 
@@ -438,7 +436,9 @@ class _Run:
         self.seed: int = settings["seed"]
         self.num_threads: int = settings["num_threads"]
 
-        fingerprint_settings = {k: v for k, v in settings.items() if k not in ("max_calls", "num_threads")}
+        # What shapes the samples; the caps and stopping rule may change when a run is resumed.
+        ignored = ("max_calls", "num_threads", "stop_at_optimum")
+        fingerprint_settings = {k: v for k, v in settings.items() if k not in ignored}
         self.fingerprint = {
             "problem": digest(problem.fingerprint()),
             "settings": digest({**fingerprint_settings, "prompt_model": lm_name(lm)}),
@@ -499,8 +499,6 @@ class _Run:
             value = self._evaluate(solution)
             self.state.proposals.append(Proposal(0, index, "initial", solution, value))
             self.seen[solution] = value
-            if self.stop_at_optimum and self.state.optimum_step is None and self.problem.is_optimal(value):
-                self.state.optimum_step = 0
         self._save()
 
     def _record(self, step: int, sample: int, reply: str | Exception) -> Proposal:
@@ -523,6 +521,12 @@ class _Run:
         self.counts.valid += 1
         self.seen[solution] = value
         return Proposal(step, sample, "valid", solution, value, reply=text)
+
+    def _optimum_step(self) -> int | None:
+        for proposal in self.state.proposals:
+            if proposal.evaluated and self.problem.is_optimal(proposal.value):
+                return proposal.step
+        return None
 
     def _calls_left(self) -> float:
         return math.inf if self.max_calls is None else self.max_calls - self.counts.samples
@@ -568,12 +572,6 @@ class _Run:
             meta_prompt=prompt,
         )
         self.state.steps.append(record)
-        if (
-            self.stop_at_optimum
-            and self.state.optimum_step is None
-            and any(p.status == "valid" and self.problem.is_optimal(p.value) for p in new)
-        ):
-            self.state.optimum_step = step
         logger.info(
             "Step %d: %d samples, %d new, %d duplicate, %d invalid, %d failed; best %s = %.6g",
             step,
@@ -607,7 +605,7 @@ class _Run:
         )
         failed_steps = 0
         first = len(self.state.steps) + 1
-        stop_reason = "optimum" if self.state.optimum_step is not None else None
+        stop_reason = "optimum" if self.stop_at_optimum and self._optimum_step() is not None else None
         bar = tqdm(
             total=num_steps,
             initial=min(first - 1, num_steps),
@@ -628,7 +626,7 @@ class _Run:
                 bar.update(1)
                 bar.set_postfix(best=f"{record.best_value:.6g}")
                 failed_steps = failed_steps + 1 if record.samples and record.errors == record.samples else 0
-                if self.state.optimum_step is not None:
+                if self.stop_at_optimum and self._optimum_step() is not None:
                     stop_reason = "optimum"
                 elif failed_steps >= STOP_AFTER_FAILED_STEPS:
                     stop_reason = "lm_errors"
@@ -651,8 +649,9 @@ class _Run:
             if p.status == "initial" and (initial_best is None or self.problem.better(p.value, initial_best)):
                 initial_best = p.value
         state = self.state
-        if state.optimum_step is not None:
-            logger.info("%s: reached the optimum %.6g at step %d", self.problem.name, best.value, state.optimum_step)
+        optimum_step = self._optimum_step()
+        if optimum_step is not None:
+            logger.info("%s: reached the optimum %.6g at step %d", self.problem.name, best.value, optimum_step)
         elif self.counts.samples and self.counts.valid == 0:
             logger.warning(
                 "%s: the prompt model proposed no new valid solution in %d samples (%d invalid, %d duplicates, "
@@ -669,7 +668,7 @@ class _Run:
             best_solution=best.solution,
             best_value=best.value,
             optimum=self.problem.optimum,
-            optimum_step=state.optimum_step,
+            optimum_step=optimum_step,
             stop_reason=state.stop_reason or "num_steps",
             best_per_step=[initial_best, *(s.best_value for s in state.steps)],
             proposals=list(state.proposals),

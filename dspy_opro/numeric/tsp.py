@@ -144,8 +144,8 @@ def extract_tour(reply: str, style: str, n: int) -> Tour:
         InvalidProposal: ``"no tour found"`` or a reason from `parse_tour`.
     """
     if style == "base":
-        head = _CLOSE.split(reply, maxsplit=1)[0]
-        head = _OPEN.split(head)[-1].split("\n", 1)[0]
+        head = _CLOSE.split(reply, maxsplit=1)[0].split("\n", 1)[0]
+        head = _OPEN.split(head)[-1]  # a model that opened its own tag
         if not head.strip():
             raise InvalidProposal("no tour found")
         return parse_tour(head, n)

