@@ -1,0 +1,383 @@
+"""Chunkwise exact mesa attention: the fast path for training and prefill.
+
+The sequence is cut into chunks of ``C`` tokens. Everything linear in the statistics (the outputs
+``G_t x_t``, the state recurrences, every gradient) is done chunk by chunk with matrix products, as
+in chunkwise linear attention. The one nonlinear step, the solves ``x_t = (H_t + Lambda)^{-1} q_t``,
+has two exact solvers (the math is in ``README.md`` beside this file):
+
+* ``gamma = 1`` everywhere: a Woodbury + Cholesky form. The inverse ``P = (H + Lambda)^{-1}`` is
+  computed exactly at the start of each block of chunks and carried through the block by
+  low-rank downdates ``P <- P - W^T W``, one small Cholesky factor per leaf of keys; all queries of
+  a chunk are then solved at once with ``X = Q P - tril(Q W^T) W``.
+* gated (some ``gamma < 1``): the regulariser does not decay, so no low-rank identity links the
+  per-token systems; every token's matrix is formed (a matrix product per chunk) and solved
+  directly, a group of chunks at a time.
+
+The backward pass is written by hand (implicit differentiation of the solves): it needs one more
+solve per token with the same matrices, ``y_t = (H_t + Lambda)^{-1} G_t^T do_t``, and otherwise only
+chunkwise products. Only per-chunk quantities are kept for it, so memory stays linear in T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+# Keys per Cholesky factor in the Woodbury path. Smaller leaves mean cheaper factorisations but more
+# sequential steps; 16 to 64 is the useful range on CPU.
+LEAF_SIZE = 32
+# Sequential leaf steps per block in the Woodbury path: the inverse is recomputed exactly at every
+# block start, so this bounds both the Python loop length and the drift of the downdated inverse.
+MAX_STEPS_PER_BLOCK = 16
+# Upper bound on the elements of the per-token matrices formed at once by the gated path.
+SOLVE_GROUP_ELEMENTS = 1 << 23
+
+
+def chunk_mesa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lam: torch.Tensor,
+    beta: torch.Tensor | None = None,
+    log_gamma: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+):
+    """Chunkwise exact mesa attention (see :func:`mesa_module.ops.mesa_attention` for the arguments).
+
+    Inputs are expected validated and in the compute dtype (float32 or float64); the Woodbury path
+    is taken when ``log_gamma`` is None or all zero, the per-token solver otherwise.
+
+    Returns:
+        ``o`` (B, T, H, Dv), or ``(o, (H_T, G_T))`` when ``output_final_state``.
+    """
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    lam = lam.expand(H, Dk)
+    if initial_state is None:
+        h0, g0 = q.new_zeros(B, H, Dk, Dk), q.new_zeros(B, H, Dv, Dk)
+    else:
+        h0, g0 = initial_state
+        h0 = (h0 + h0.mT) / 2  # only the symmetric part of a statistic is meaningful
+    woodbury = log_gamma is None or not bool((log_gamma != 0).any())
+    chunk = max(1, min(chunk_size, T))
+    o, h_t, g_t = _ChunkMesa.apply(q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury)
+    if output_final_state:
+        return o, (h_t, g_t)
+    return o
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout helpers: (B, T, H, D) <-> (B*H, N, C, D), zero-padded to N*C tokens. Padded tokens have
+# zero keys, values and queries, beta = 0 and log gamma = 0, so they change no statistic.
+
+
+def _to_chunks(x: torch.Tensor, num_chunks: int, chunk: int) -> torch.Tensor:
+    B, T, H = x.shape[:3]
+    x = x.reshape(B, T, H, -1).transpose(1, 2)
+    pad = num_chunks * chunk - T
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return x.reshape(B * H, num_chunks, chunk, x.shape[-1])
+
+
+def _from_chunks(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    BH, N, C, D = x.shape
+    return x.reshape(B, BH // B, N * C, D)[:, :, :T].transpose(1, 2).contiguous()
+
+
+class _Decay:
+    """Within-chunk decay factors from log gamma, all ``<= 1`` so nothing overflows.
+
+    ``inside[t]`` is the decay from the chunk start up to and including token t, ``outside[t]`` from
+    after token t to the chunk end, ``total`` the whole chunk's and ``pair[t, i]`` the decay from
+    after token i up to t (zero above the diagonal). Cumulative sums are taken in float64: in
+    float32 a difference of two long sums loses digits that the pairwise decays need.
+    """
+
+    def __init__(self, log_gamma: torch.Tensor, dtype: torch.dtype):
+        # Clamped so that a hard reset (gamma = 0, log gamma = -inf) gives zeros rather than inf - inf.
+        cum = log_gamma.to(torch.float64).clamp(min=-1e4).cumsum(-1)
+        C = cum.shape[-1]
+        causal = torch.ones(C, C, dtype=torch.bool, device=cum.device).tril()
+        self.inside = cum.exp().to(dtype)
+        self.outside = (cum[..., -1:] - cum).exp().to(dtype)
+        self.total = self.inside[..., -1]
+        diff = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf"))
+        self.pair = diff.exp().to(dtype)
+
+
+def _causal(scores: torch.Tensor, decay: _Decay | None) -> torch.Tensor:
+    """Masks (in place) a (..., C, C) score matrix to token pairs i <= t, with decay if any."""
+    return scores.tril_() if decay is None else scores.mul_(decay.pair)
+
+
+def _scan(updates: torch.Tensor, decay: torch.Tensor | None, init: torch.Tensor, reverse: bool = False):
+    """State at each chunk boundary of ``S <- decay_n S + U_n`` (or its adjoint when reversed).
+
+    Args:
+        updates: (BH, N, a, b) per-chunk contributions ``U_n``.
+        decay: (BH, N) whole-chunk decays, or None for no forgetting.
+        init: (BH, a, b) state before the first chunk (after the last one when ``reverse``).
+        reverse: run from the last chunk to the first (gradient accumulation).
+
+    Returns:
+        ``(states, final)``: ``states[:, n]`` is the state entering chunk n (forward) or the
+        adjoint of the state leaving chunk n (reverse); ``final`` the state after the sweep.
+    """
+    # A Python loop over chunks: torch.cumsum over a non-innermost dimension of small matrices is
+    # several times slower on CPU, and the loop also covers the decayed case.
+    states = torch.empty_like(updates)
+    s = init
+    order = range(updates.shape[1] - 1, -1, -1) if reverse else range(updates.shape[1])
+    for n in order:
+        states[:, n] = s
+        s = updates[:, n] + (s if decay is None else s * decay[:, n, None, None])
+    return states, s
+
+
+def _chunk_updates(x: torch.Tensor, k: torch.Tensor, decay: _Decay | None) -> torch.Tensor:
+    """Per-chunk state contribution ``sum_i (decay to chunk end) x_i k_i^T``: (BH, N, Dx, Dk)."""
+    if decay is not None:
+        x = x * decay.outside[..., None]
+    return x.mT @ k
+
+
+# ----------------------------------------------------------------------------------------------
+# Solvers for x_t = (H_t + Lambda)^{-1} r_t for all tokens at once.
+
+
+def _spd_inverse(a: torch.Tensor) -> torch.Tensor:
+    """Inverse of a batch of symmetric positive definite matrices, Cholesky first, LU as fallback."""
+    factor, info = torch.linalg.cholesky_ex(a)
+    if bool(info.any()):  # lost definiteness to rounding (extreme scales): LU still inverts
+        return torch.linalg.inv(a)
+    return torch.cholesky_inverse(factor)
+
+
+def _woodbury_factors(
+    ks: torch.Tensor, lam: torch.Tensor, h_blocks: torch.Tensor, chunks_per_block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse at every chunk start and the Woodbury rows ``W`` of every chunk (gamma = 1).
+
+    Within a chunk, ``(H_t + Lambda)^{-1} = P - W_{<=t}^T W_{<=t}`` where ``P`` is the inverse at the
+    chunk start, ``M = I + K P K^T = R R^T`` and ``W = R^{-1} K P``: a leading block of a Cholesky
+    factor is the factor of the leading block, so one factor serves every token of the chunk.
+    Leaves of ``LEAF_SIZE`` keys are factored one after the other and ``P`` is downdated between
+    them; blocks of chunks run in parallel from an exact inverse at their start.
+
+    Args:
+        ks: (BH, N, C, Dk) keys scaled by ``sqrt(beta)``.
+        lam: (BH, Dk) diagonal regulariser.
+        h_blocks: (BH, N / chunks_per_block, Dk, Dk) statistic ``H`` at each block start.
+        chunks_per_block: chunks handled sequentially per block.
+
+    Returns:
+        ``(p, w)``: (BH, N, Dk, Dk) inverses at chunk starts and (BH, N, C, Dk) rows ``W``.
+    """
+    BH, N, C, Dk = ks.shape
+    blocks = N // chunks_per_block
+    a = h_blocks.clone()
+    a.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+    p = _spd_inverse(a).reshape(BH * blocks, Dk, Dk)
+    ks = ks.view(BH, blocks, chunks_per_block, C, Dk)
+    p_starts = ks.new_empty(BH, blocks, chunks_per_block, Dk, Dk)
+    w = torch.empty_like(ks)
+    eye = {}
+    for j in range(chunks_per_block):
+        p_starts[:, :, j] = p.view(BH, blocks, Dk, Dk)
+        for r0 in range(0, C, LEAF_SIZE):
+            r1 = min(r0 + LEAF_SIZE, C)
+            if r1 - r0 not in eye:
+                eye[r1 - r0] = torch.eye(r1 - r0, dtype=ks.dtype, device=ks.device)
+            leaf = ks[:, :, j, r0:r1].reshape(BH * blocks, r1 - r0, Dk)
+            kp = leaf @ p
+            # M = I + K P K^T = U^T U; W = U^{-T} K P, taken as the right-hand solve W^T U = (K P)^T
+            # because LAPACK runs that layout about three times faster than the left-hand one here.
+            upper = torch.linalg.cholesky_ex(torch.baddbmm(eye[r1 - r0], kp, leaf.mT), upper=True)[0]
+            w_leaf_t = torch.linalg.solve_triangular(upper, kp.mT, upper=True, left=False)
+            w[:, :, j, r0:r1] = w_leaf_t.mT.view(BH, blocks, r1 - r0, Dk)
+            p = torch.baddbmm(p, w_leaf_t, w_leaf_t.mT, alpha=-1)
+    return p_starts.view(BH, N, Dk, Dk), w.view(BH, N, C, Dk)
+
+
+def _woodbury_solve(rhs: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rows ``(H_t + Lambda)^{-1} r_t`` of a chunk: ``R P - tril(R W^T) W``."""
+    shape = rhs.shape
+    rhs, p, w = rhs.flatten(0, 1), p.flatten(0, 1), w.flatten(0, 1)
+    return torch.baddbmm(rhs @ p, (rhs @ w.mT).tril_(), w, alpha=-1).view(shape)
+
+
+def _direct_solve(
+    rhs: torch.Tensor,
+    k: torch.Tensor,
+    beta: torch.Tensor | None,
+    lam: torch.Tensor,
+    h_starts: torch.Tensor,
+    decay: _Decay,
+) -> torch.Tensor:
+    """Rows ``(H_t + Lambda)^{-1} r_t`` with every token's matrix formed and solved (gated path).
+
+    ``H_t = inside_t H_start + sum_{i<=t} pair[t, i] beta_i k_i k_i^T`` is one product of the
+    (C, C) decay weights with the (C, Dk*Dk) key outer products per chunk; a few chunks at a time
+    keep the (C, Dk, Dk) matrices within ``SOLVE_GROUP_ELEMENTS``.
+    """
+    BH, N, C, Dk = k.shape
+    group = max(1, SOLVE_GROUP_ELEMENTS // (BH * C * Dk * Dk))
+    out = torch.empty_like(rhs)
+    for n0 in range(0, N, group):
+        n1 = min(n0 + group, N)
+        kk = (k[:, n0:n1, :, :, None] * k[:, n0:n1, :, None, :]).reshape(BH, n1 - n0, C, Dk * Dk)
+        weights = decay.pair[:, n0:n1] if beta is None else decay.pair[:, n0:n1] * beta[:, n0:n1, None, :]
+        a = (weights @ kk).view(BH, n1 - n0, C, Dk, Dk)
+        a += decay.inside[:, n0:n1, :, None, None] * h_starts[:, n0:n1, None]
+        a.diagonal(dim1=-2, dim2=-1).add_(lam[:, None, None, :])
+        out[:, n0:n1] = torch.linalg.solve(a, rhs[:, n0:n1, :, :, None])[..., 0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class _ChunkMesa(torch.autograd.Function):
+    """Chunkwise mesa attention with a hand-written backward pass.
+
+    Saved for backward: the chunked keys, values and gates, the solutions ``X`` (T x Dk), the
+    statistics at chunk starts (for the Woodbury path the inverses instead of ``H``) and the rows
+    ``W``: O(T Dk + T Dk^2 / C) in all, nothing of size T x Dk x Dk.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury):
+        B, T, H, Dk = q.shape
+        Dv = v.shape[-1]
+        BH = B * H
+        N = -(-T // chunk)
+        per_block = 1
+        if woodbury:
+            # Blocks of chunks share one exact inverse at their start; pad N to whole blocks.
+            leaves = -(-chunk // LEAF_SIZE)
+            per_block = min(N, max(1, MAX_STEPS_PER_BLOCK // leaves))
+            blocks = -(-N // per_block)
+            per_block = -(-N // blocks)
+            N = blocks * per_block
+        qc, kc, vc = (_to_chunks(x, N, chunk) for x in (q, k, v))
+        bc = None if beta is None else _to_chunks(beta, N, chunk)[..., 0]
+        lgc = None if log_gamma is None else _to_chunks(log_gamma, N, chunk)[..., 0]
+        decay = None if lgc is None else _Decay(lgc, q.dtype)
+        total = None if decay is None else decay.total
+        lam_bh = lam.repeat(B, 1)
+        h0, g0 = h0.reshape(BH, Dk, Dk), g0.reshape(BH, Dv, Dk)
+        kb = kc if bc is None else kc * bc[..., None]  # written keys, beta_i k_i
+
+        g_starts, g_t = _scan(_chunk_updates(vc, kb, decay), total, g0)
+        p_starts = w = h_starts = None
+        if woodbury:
+            # The key statistic is needed only at block starts and at the end (no decay here).
+            rows = (BH, N // per_block, per_block * chunk, Dk)
+            h_blocks, h_t = _scan(kb.view(rows).mT @ kc.view(rows), None, h0)
+            ks = kc if bc is None else kc * bc.sqrt()[..., None]
+            p_starts, w = _woodbury_factors(ks, lam_bh, h_blocks, per_block)
+            x = _woodbury_solve(qc, p_starts, w)
+        else:
+            h_starts, h_t = _scan(_chunk_updates(kb, kc, decay), total, h0)
+            x = _direct_solve(qc, kc, bc, lam_bh, h_starts, decay)
+
+        # o_t = G_t x_t: the state at the chunk start plus the chunk's own writes up to t.
+        scores = _causal(x @ kb.mT, decay)
+        inter = x @ g_starts.mT
+        if decay is not None:
+            inter *= decay.inside[..., None]
+        o = torch.baddbmm(inter.flatten(0, 1), scores.flatten(0, 1), vc.flatten(0, 1)).view(BH, N, chunk, Dv)
+
+        ctx.save_for_backward(kc, vc, bc, lgc)
+        # Intermediates live on ctx; the final states serve only the log-gamma gradient.
+        final = None if decay is None else (h_t.clone(), g_t.clone())
+        ctx.solver = (x, g_starts, p_starts, w, h_starts, lam_bh, final)
+        ctx.shape = (B, T, H)
+        return _from_chunks(o, B, T), h_t.view(B, H, Dk, Dk), g_t.view(B, H, Dv, Dk)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dh_t, dg_t):
+        kc, vc, bc, lgc = ctx.saved_tensors
+        x, g_starts, p_starts, w, h_starts, lam_bh, final = ctx.solver
+        B, T, H = ctx.shape
+        BH, N, C, Dk = kc.shape
+        Dv = vc.shape[-1]
+        decay = None if lgc is None else _Decay(lgc, kc.dtype)
+        total = None if decay is None else decay.total
+        doc = _to_chunks(do.to(kc.dtype), N, C)
+        kb = kc if bc is None else kc * bc[..., None]
+
+        # dx_t = G_t^T do_t, a linear-attention read of the value statistic.
+        dov = _causal(doc @ vc.mT, decay)  # [t, i] = decay * (do_t . v_i)
+        dx = doc @ g_starts
+        if decay is not None:
+            dx *= decay.inside[..., None]
+        dx = torch.baddbmm(dx.flatten(0, 1), dov.flatten(0, 1), kb.flatten(0, 1)).view(BH, N, C, Dk)
+
+        # dq_t = y_t = (H_t + Lambda)^{-1} dx_t, with the same matrices as the forward solve.
+        if p_starts is not None:
+            y = _woodbury_solve(dx, p_starts, w)
+        else:
+            y = _direct_solve(dx, kc, bc, lam_bh, h_starts, decay)
+
+        # Adjoints of the statistics, dL/dG_t = do_t x_t^T and dL/dH_t = -y_t x_t^T, accumulated
+        # backwards through the decays: rg/rh[:, n] are the adjoints of the states leaving chunk n.
+        do_in, y_in = (doc, y) if decay is None else (doc * decay.inside[..., None], y * decay.inside[..., None])
+        dg_end = kc.new_zeros(BH, Dv, Dk) if dg_t is None else dg_t.reshape(BH, Dv, Dk).to(kc.dtype)
+        dh_end = kc.new_zeros(BH, Dk, Dk) if dh_t is None else dh_t.reshape(BH, Dk, Dk).to(kc.dtype)
+        rg, dg0 = _scan(do_in.mT @ x, total, dg_end, reverse=True)
+        rh, dh0 = _scan(-(y_in.mT @ x), total, dh_end, reverse=True)
+
+        # Per token, with Zg_t, Zh_t the accumulated adjoints: zg_k = Zg_t k_t, zh_k = Zh_t k_t,
+        # zg_v = Zg_t^T v_t and zh_tk = Zh_t^T k_t. Pairs inside the chunk come from (C, C) score
+        # matrices, later chunks through rg/rh.
+        xk = _causal(x @ kc.mT, decay)
+        yk = _causal(y @ kc.mT, decay)
+        zg_k = kc @ rg.mT
+        zh_k = kc @ rh.mT
+        zh_tk = kc @ rh
+        zg_v = vc @ rg
+        if decay is not None:
+            for z in (zg_k, zh_k, zh_tk, zg_v):
+                z *= decay.outside[..., None]
+        zg_k += xk.mT @ doc
+        zh_k -= xk.mT @ y
+        zh_tk -= yk.mT @ x
+        zg_v += dov.mT @ x
+
+        dk = zg_v.add_(zh_k).add_(zh_tk)
+        if bc is not None:
+            db_tok = (vc * zg_k).sum(-1) + (kc * zh_k).sum(-1)
+            dk *= bc[..., None]
+        dv = zg_k if bc is None else zg_k * bc[..., None]
+        dlam = -(y * x).sum((1, 2)).view(B, H, Dk).sum(0)
+        dlog_gamma = None
+        if lgc is not None:
+            # dL/dGamma_t for the cumulative log decay Gamma_t is lam x_t . y_t (from the undecayed
+            # regulariser) minus beta_t dL/dbeta_t; summed over t >= s it is dL/dlog gamma_s.
+            d_cum = (lam_bh[:, None, None, :] * x * y).sum(-1)
+            if bc is not None:
+                d_cum -= bc * db_tok
+            else:
+                d_cum -= (vc * zg_k).sum(-1) + (kc * zh_k).sum(-1)
+            d_lg = d_cum.flatten(1).flip(-1).cumsum(-1).flip(-1)
+            # A final state read by the loss depends on every log gamma through its whole decay.
+            d_lg += (dh_end * final[0]).sum((-2, -1))[:, None] + (dg_end * final[1]).sum((-2, -1))[:, None]
+            dlog_gamma = _from_chunks(d_lg.view(BH, N, C, 1), B, T)[..., 0]
+        return (
+            _from_chunks(y, B, T),
+            _from_chunks(dk, B, T),
+            _from_chunks(dv, B, T),
+            dlam,
+            None if bc is None else _from_chunks(db_tok[..., None], B, T)[..., 0],
+            dlog_gamma,
+            dh0.view(B, H, Dk, Dk),
+            dg0.view(B, H, Dv, Dk),
+            None,
+            None,
+        )
