@@ -403,9 +403,7 @@ def optimize(
     if lm is None:
         raise ValueError("no prompt model: pass prompt_model=... (a dspy.LM or a litellm model string)")
 
-    run = _Run(
-        problem,
-        lm,
+    settings = _Settings(
         style=resolve_style(style, lm),
         proposals_per_step=proposals_per_step,
         max_samples_per_step=max_samples_per_step,
@@ -415,33 +413,40 @@ def optimize(
         max_calls=max_calls,
         seed=seed,
         num_threads=num_threads or dspy.settings.num_threads or 1,
-        log_dir=log_dir,
     )
-    return run.execute(num_steps, show_progress=show_progress)
+    return _Run(problem, lm, settings, log_dir=log_dir).execute(num_steps, show_progress=show_progress)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    style: str
+    proposals_per_step: int
+    max_samples_per_step: int
+    temperature: float
+    max_shown: int
+    stop_at_optimum: bool
+    max_calls: int | None
+    seed: int
+    num_threads: int
+
+    def shaping_the_samples(self) -> dict[str, Any]:
+        """The settings a resumed run must share; caps, threads and the stopping rule may change."""
+        data = asdict(self)
+        for key in ("max_calls", "num_threads", "stop_at_optimum"):
+            data.pop(key)
+        return data
 
 
 class _Run:
     """One call of `optimize`: its settings, state and checkpoint."""
 
-    def __init__(self, problem: Problem, lm: dspy.BaseLM, *, log_dir: str | os.PathLike | None, **settings: Any):
+    def __init__(self, problem: Problem, lm: dspy.BaseLM, settings: _Settings, *, log_dir: str | os.PathLike | None):
         self.problem = problem
         self.lm = lm
-        self.style: str = settings["style"]
-        self.proposals_per_step: int = settings["proposals_per_step"]
-        self.max_samples_per_step: int = settings["max_samples_per_step"]
-        self.temperature: float = settings["temperature"]
-        self.max_shown: int = settings["max_shown"]
-        self.stop_at_optimum: bool = settings["stop_at_optimum"]
-        self.max_calls: int | None = settings["max_calls"]
-        self.seed: int = settings["seed"]
-        self.num_threads: int = settings["num_threads"]
-
-        # What shapes the samples; the caps and stopping rule may change when a run is resumed.
-        ignored = ("max_calls", "num_threads", "stop_at_optimum")
-        fingerprint_settings = {k: v for k, v in settings.items() if k not in ignored}
+        self.settings = settings
         self.fingerprint = {
             "problem": digest(problem.fingerprint()),
-            "settings": digest({**fingerprint_settings, "prompt_model": lm_name(lm)}),
+            "settings": digest({**settings.shaping_the_samples(), "prompt_model": lm_name(lm)}),
         }
         self.checkpoint = NumericCheckpoint(log_dir) if log_dir is not None else None
         if self.checkpoint is not None:
@@ -509,7 +514,7 @@ class _Run:
             return Proposal(step, sample, "error", reason=f"{type(reply).__name__}: {reply}"[:MAX_REPLY_CHARS])
         text = reply[:MAX_REPLY_CHARS]
         try:
-            solution = self.problem.parse(reply, self.style)
+            solution = self.problem.parse(reply, self.settings.style)
             if solution in self.seen:
                 self.counts.duplicates += 1
                 return Proposal(step, sample, "duplicate", solution, reply=text)
@@ -529,33 +534,42 @@ class _Run:
         return None
 
     def _calls_left(self) -> float:
-        return math.inf if self.max_calls is None else self.max_calls - self.counts.samples
+        return math.inf if self.settings.max_calls is None else self.settings.max_calls - self.counts.samples
 
     # ------------------------------------------------------------------ the loop
     def _step(self, step: int) -> StepRecord:
-        prompt = render_meta_prompt(self.problem, self._history(), style=self.style, max_shown=self.max_shown)
+        prompt = render_meta_prompt(
+            self.problem, self._history(), style=self.settings.style, max_shown=self.settings.max_shown
+        )
         logger.debug("Meta-prompt at step %d:\n%s", step, prompt)
         new: list[Proposal] = []
         rounds = 0
         while True:
             valid = sum(p.status == "valid" for p in new)
-            wanted = min(self.proposals_per_step - valid, self.max_samples_per_step - len(new), self._calls_left())
+            wanted = min(
+                self.settings.proposals_per_step - valid,
+                self.settings.max_samples_per_step - len(new),
+                self._calls_left(),
+            )
             if wanted <= 0:
                 break
             replies = sample_replies(
                 self.lm,
                 prompt,
                 int(wanted),
-                temperature=self.temperature,
-                key=(self.seed, step, rounds),
+                temperature=self.settings.temperature,
+                key=(self.settings.seed, step, rounds),
                 counter=self.counter,
-                stop=self.problem.stop(self.style),
-                num_threads=self.num_threads,
+                stop=self.problem.stop(self.settings.style),
+                num_threads=self.settings.num_threads,
             )
             batch = [self._record(step, len(new) + j, reply) for j, reply in enumerate(replies)]
             new += batch
             rounds += 1
-            if any(p.status == "valid" and self.problem.is_optimal(p.value) for p in batch) and self.stop_at_optimum:
+            if (
+                any(p.status == "valid" and self.problem.is_optimal(p.value) for p in batch)
+                and self.settings.stop_at_optimum
+            ):
                 break
             if all(p.status == "error" for p in batch):
                 break  # a failing model is not asked again within the step
@@ -597,15 +611,15 @@ class _Run:
             sum(p.status == "initial" for p in self.state.proposals),
             best.value,
             num_steps,
-            self.proposals_per_step,
-            self.max_samples_per_step,
-            self.style,
-            self.max_shown,
+            self.settings.proposals_per_step,
+            self.settings.max_samples_per_step,
+            self.settings.style,
+            self.settings.max_shown,
             "unknown" if optimum is None else f"{optimum:.6g}",
         )
         failed_steps = 0
         first = len(self.state.steps) + 1
-        stop_reason = "optimum" if self.stop_at_optimum and self._optimum_step() is not None else None
+        stop_reason = "optimum" if self.settings.stop_at_optimum and self._optimum_step() is not None else None
         bar = tqdm(
             total=num_steps,
             initial=min(first - 1, num_steps),
@@ -620,13 +634,13 @@ class _Run:
                     break
                 if self._calls_left() <= 0:
                     stop_reason = "max_calls"
-                    logger.info("max_calls=%d reached before step %d; stopping", self.max_calls, step)
+                    logger.info("max_calls=%d reached before step %d; stopping", self.settings.max_calls, step)
                     break
                 record = self._step(step)
                 bar.update(1)
                 bar.set_postfix(best=f"{record.best_value:.6g}")
                 failed_steps = failed_steps + 1 if record.samples and record.errors == record.samples else 0
-                if self.stop_at_optimum and self._optimum_step() is not None:
+                if self.settings.stop_at_optimum and self._optimum_step() is not None:
                     stop_reason = "optimum"
                 elif failed_steps >= STOP_AFTER_FAILED_STEPS:
                     stop_reason = "lm_errors"
