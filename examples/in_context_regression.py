@@ -300,10 +300,18 @@ def plot(losses: dict[str, torch.Tensor], config: Config, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     n = torch.arange(1, config.n_max + 1)
-    styles = {"ridge": "k-", "GD, 1 step": "k--", "mesa, hand-set": "C0:"}
+    # Ridge as a wide pale band under everything: the mesa curves lie on it.
+    styles = {
+        "ridge": dict(color="0.75", linewidth=6, zorder=1),
+        "GD, 1 step": dict(color="k", linestyle="--", linewidth=1.5),
+        "mesa, hand-set": dict(color="k", linestyle=":", linewidth=1.5, zorder=3),
+        "mesa, trained": dict(color="C0", linewidth=2, zorder=2),
+        "linear attn": dict(color="C1", linewidth=1.5),
+        "softmax attn": dict(color="C2", linewidth=1.5),
+    }
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, loss in losses.items():
-        ax.plot(n, loss, styles.get(name, "-"), label=name, linewidth=2 if "trained" in name else 1.5)
+        ax.plot(n, loss, label=name, **styles.get(name, {}))
     ax.axvline(config.d, color="grey", linewidth=0.5)
     ax.axvline(2 * config.d, color="grey", linewidth=0.5, linestyle=":")
     ax.set_yscale("log")

@@ -121,7 +121,8 @@ class MesaLayer(nn.Module):
         qk_norm: L2-normalise each head's queries and keys (no ``1/sqrt(d)`` scale); keeps ``H_t`` well scaled.
         short_conv: Pass queries and keys through a causal depthwise convolution over ``conv_size`` tokens followed
             by SiLU, as MesaNet does. Its last inputs are part of the recurrent state.
-        lambda_init: Initial value of every entry of the regulariser ``Lambda``.
+        lambda_init: Initial value of every entry of the regulariser ``Lambda`` (parameter ``lambda_theta``, which
+            is best left out of weight decay; it carries ``_no_weight_decay = True``).
         lambda_min: Floor of the regulariser: ``Lambda = softplus(theta) + lambda_min``, so ``H_t + Lambda`` stays
             at least ``lambda_min * I`` and every solve is well posed. Must be ``>= 0`` and below ``lambda_init``;
             ``0`` lets ``Lambda`` shrink towards zero (e.g. ridge regression with a small penalty).
@@ -213,6 +214,8 @@ class MesaLayer(nn.Module):
         theta0 = float(lambda_init - lambda_min)
         theta0 = theta0 + math.log(-math.expm1(-theta0))
         self.lambda_theta = nn.Parameter(torch.full((num_heads, head_dim), theta0))
+        # Weight decay would pull Lambda towards softplus(0) + lambda_min; optimisers that honour this flag skip it.
+        self.lambda_theta._no_weight_decay = True
         self.o_norm = nn.RMSNorm(head_dim, eps=norm_eps) if output_norm else None
         self.g_proj = nn.Linear(d_model, inner, bias=bias) if output_gate else None
 
