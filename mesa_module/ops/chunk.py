@@ -31,7 +31,7 @@ LEAF_SIZE = 32
 # block start, so this bounds both the Python loop length and the drift of the downdated inverse.
 MAX_STEPS_PER_BLOCK = 16
 # Upper bound on the elements of the per-token matrices formed at once by the gated path.
-SOLVE_GROUP_ELEMENTS = 1 << 23
+SOLVE_GROUP_ELEMENTS = 1 << 21
 
 
 def chunk_mesa_attention(
