@@ -97,6 +97,20 @@ def test_token_by_token_decoding_equals_forward(config):
     assert_close(torch.cat(steps, dim=1), y)
 
 
+@pytest.mark.parametrize("method", ["naive", "chunk", "recurrent"])
+def test_every_op_method_gives_the_same_layer(method):
+    reference = make_layer("mesanet", method="naive")
+    layer = make_layer("mesanet", method=method, chunk_size=4)
+    x = randn(2, 11, D_MODEL)
+    write = torch.ones(2, 11)
+    write[:, [3, 8]] = 0
+    y_ref, state_ref = reference(x, write_mask=write, return_state=True)
+    y1, state = layer(x[:, :6], write_mask=write[:, :6], return_state=True)
+    y2, state = layer(x[:, 6:], write_mask=write[:, 6:], state=state, return_state=True)
+    assert_close(torch.cat([y1, y2], dim=1), y_ref)
+    assert_states_close(state, state_ref)
+
+
 def test_state_detach_cuts_the_graph():
     layer = make_layer("mesanet")
     _, state = layer(randn(1, 4, D_MODEL), return_state=True)
