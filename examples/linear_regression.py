@@ -182,6 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * len(header))
     print(table_row(f"{args.prompt_model} (this machine)", results))
     print(table_row(f"no model: random pairs in {list(START_BOX)}^2", baseline))
+    low, high = START_BOX
+    outside = sum(any(not low <= c <= high for c in problem.optimum_solution) for problem, _ in baseline)
+    if outside:
+        print(
+            f"  (the optimum lies outside that box in {outside} of {args.runs} runs: random pairs cannot reach it there)"
+        )
     if (args.w, args.b) == (15, 14):
         for name, value in PAPER_STEPS_15_14.items():
             print(f"{'paper: ' + name:38} {'5/5':>9} {value:>13} {'':>15}")
