@@ -22,7 +22,7 @@ METHODS = ("auto", "naive", "chunk", "recurrent")
 # "auto" decodes token by token up to this length: below it the fixed cost of the chunkwise
 # machinery (padding, layout changes, a dozen kernel launches per phase) outweighs the per-token
 # solves, and autograd through the short loop stays small.
-RECURRENT_MAX_T = 8
+RECURRENT_MAX_T = 4
 
 _IMPLEMENTATIONS = {
     "naive": naive_mesa_attention,

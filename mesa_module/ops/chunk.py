@@ -30,8 +30,11 @@ LEAF_SIZE = 32
 # Sequential leaf steps per block in the Woodbury path: the inverse is recomputed exactly at every
 # block start, so this bounds both the Python loop length and the drift of the downdated inverse.
 MAX_STEPS_PER_BLOCK = 16
-# Upper bound on the elements of the per-token matrices formed at once by the gated path.
-SOLVE_GROUP_ELEMENTS = 1 << 21
+# Tokens per eigendecomposition in the gated path (the largest divisor of the chunk size up to this);
+# chunk sizes with no divisor from 4 up fall back to direct per-token solves.
+EIG_SUBCHUNK = 16
+# Upper bound on the elements of the per-token tensors the gated path forms at once.
+SOLVE_GROUP_ELEMENTS = 1 << 22
 
 
 def chunk_mesa_attention(
@@ -91,16 +94,18 @@ def _from_chunks(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
 class _Decay:
     """Within-chunk decay factors from log gamma, all ``<= 1`` so nothing overflows.
 
-    ``inside[t]`` is the decay from the chunk start up to and including token t, ``outside[t]`` from
-    after token t to the chunk end, ``total`` the whole chunk's and ``pair[t, i]`` the decay from
-    after token i up to t (zero above the diagonal). Cumulative sums are taken in float64: in
+    ``step[t]`` is gamma_t itself, ``inside[t]`` the decay from the chunk start up to and including
+    token t, ``outside[t]`` from after token t to the chunk end, ``total`` the whole chunk's and
+    ``pair[t, i]`` the decay from after token i up to t (zero above the diagonal). Cumulative sums are taken in float64: in
     float32 a difference of two long sums loses digits that the pairwise decays need.
     """
 
     def __init__(self, log_gamma: torch.Tensor, dtype: torch.dtype):
         # Clamped so that a hard reset (gamma = 0, log gamma = -inf) gives zeros rather than inf - inf.
-        cum = log_gamma.to(torch.float64).clamp(min=-1e4).cumsum(-1)
+        log_gamma = log_gamma.to(torch.float64).clamp(min=-1e4)
+        cum = log_gamma.cumsum(-1)
         C = cum.shape[-1]
+        self.step = log_gamma.exp().to(dtype)
         causal = torch.ones(C, C, dtype=torch.bool, device=cum.device).tril()
         self.inside = cum.exp().to(dtype)
         self.outside = (cum[..., -1:] - cum).exp().to(dtype)
@@ -220,22 +225,120 @@ def _direct_solve(
 ) -> torch.Tensor:
     """Rows ``(H_t + Lambda)^{-1} r_t`` with every token's matrix formed and solved (gated path).
 
-    ``H_t = inside_t H_start + sum_{i<=t} pair[t, i] beta_i k_i k_i^T`` is one product of the
-    (C, C) decay weights with the (C, Dk*Dk) key outer products per chunk; a few chunks at a time
-    keep the (C, Dk, Dk) matrices within ``SOLVE_GROUP_ELEMENTS``.
+    Every token's ``H_t`` is formed by running ``H_t = gamma_t H_{t-1} + beta_t k_t k_t^T`` through
+    the chunk, for a few chunks at a time (at most ``SOLVE_GROUP_ELEMENTS`` matrix entries) so the
+    matrices never exist for the whole sequence. The scan costs O(Dk^2) per token; forming the same
+    matrices as one product of the (C, C) decay weights with the key outer products costs O(C Dk^2)
+    and was measured slower than the solves themselves.
     """
     BH, N, C, Dk = k.shape
     group = max(1, SOLVE_GROUP_ELEMENTS // (BH * C * Dk * Dk))
+    kb = k if beta is None else k * beta[..., None]
     out = torch.empty_like(rhs)
     for n0 in range(0, N, group):
         n1 = min(n0 + group, N)
-        kk = (k[:, n0:n1, :, :, None] * k[:, n0:n1, :, None, :]).reshape(BH, n1 - n0, C, Dk * Dk)
-        weights = decay.pair[:, n0:n1] if beta is None else decay.pair[:, n0:n1] * beta[:, n0:n1, None, :]
-        a = (weights @ kk).view(BH, n1 - n0, C, Dk, Dk)
-        a += decay.inside[:, n0:n1, :, None, None] * h_starts[:, n0:n1, None]
+        a = k.new_empty(BH, n1 - n0, C, Dk, Dk)
+        h = h_starts[:, n0:n1]
+        for t in range(C):
+            h = torch.addcmul(
+                h * decay.step[:, n0:n1, t, None, None],
+                kb[:, n0:n1, t, :, None],
+                k[:, n0:n1, t, None, :],
+                out=a[:, :, t],
+            )
         a.diagonal(dim1=-2, dim2=-1).add_(lam[:, None, None, :])
         out[:, n0:n1] = torch.linalg.solve(a, rhs[:, n0:n1, :, :, None])[..., 0]
     return out
+
+
+def _eig_subchunk(chunk: int) -> int:
+    """Sub-chunk size for the eigen-Woodbury solver (a divisor of the chunk), 0 to solve directly."""
+    sub = max((d for d in range(1, min(EIG_SUBCHUNK, chunk) + 1) if chunk % d == 0), default=1)
+    return sub if sub >= 4 else 0
+
+
+def _sub_layout(sub: int, rhs: torch.Tensor, k: torch.Tensor, beta: torch.Tensor | None):
+    """(BH, N, C, D) chunk layout as (BH, N * C / sub, sub, D) sub-chunks (a view)."""
+    BH = k.shape[0]
+    return (
+        rhs.reshape(BH, -1, sub, rhs.shape[-1]),
+        k.reshape(BH, -1, sub, k.shape[-1]),
+        None if beta is None else beta.reshape(BH, -1, sub),
+    )
+
+
+def _subchunk_starts(
+    k: torch.Tensor, kb: torch.Tensor, log_gamma: torch.Tensor, h_starts: torch.Tensor, sub: int
+) -> tuple[torch.Tensor, _Decay]:
+    """Statistic ``H`` at the start of every sub-chunk of ``sub`` tokens, from the chunk starts.
+
+    Returns the states as (BH, N * C / sub, Dk, Dk) and the within-sub-chunk decays.
+    """
+    BH, N, C, Dk = k.shape
+    per_chunk = C // sub
+    decay = _Decay(log_gamma.reshape(BH * N, per_chunk, sub), k.dtype)
+    updates = _chunk_updates(kb.reshape(BH * N, per_chunk, sub, Dk), k.reshape(BH * N, per_chunk, sub, Dk), decay)
+    starts, _ = _scan(updates, decay.total, h_starts.reshape(BH * N, Dk, Dk))
+    return starts.view(BH, N * per_chunk, Dk, Dk), _Decay(log_gamma.reshape(BH, N * per_chunk, sub), k.dtype)
+
+
+def _eig_woodbury_solve(
+    rhs: torch.Tensor,
+    k: torch.Tensor,
+    beta: torch.Tensor | None,
+    lam: torch.Tensor,
+    decay: _Decay,
+    h_starts: torch.Tensor | None = None,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Rows ``(H_t + Lambda)^{-1} r_t`` for gated inputs, exactly, from one eigendecomposition per sub-chunk.
+
+    In the basis scaled by ``D = Lambda^{-1/2}`` the undecayed regulariser is the identity. For token t of a
+    sub-chunk that starts in state ``H_s``, with ``e_t`` the decay since the start and ``D H_s D = U S U^T``,
+
+        D (H_t + Lambda) D = U (I + e_t S) U^T + F_t^T F_t,   F_t = rows sqrt(pair[t, i] beta_i) (D k_i)^T, i <= t,
+
+    whose first term is diagonal in the eigenbasis for every t. Woodbury then needs only a (sub x sub)
+    capacitance matrix ``I + F_t B_t^{-1} F_t^T`` per token, ``B_t = I + e_t S``: O(sub^2 Dk) per token in
+    batched products plus one small factorisation, and O(Dk^3 / sub) for the eigendecomposition.
+
+    Args:
+        rhs, k: (BH, M, sub, Dk) right-hand sides and keys in sub-chunk layout.
+        beta: (BH, M, sub) or None. lam: (BH, Dk). decay: within-sub-chunk decays over (BH, M, sub).
+        h_starts: (BH, M, Dk, Dk) states at the sub-chunk starts (to compute the eigendecomposition), or
+        eig: ``(S, U)`` from an earlier call with the same statistics.
+
+    Returns:
+        ``(x, (S, U))``: the solutions (BH, M, sub, Dk) and the eigendecompositions, for reuse.
+    """
+    BH, M, sub, Dk = k.shape
+    scale = lam.rsqrt()[:, None, None, :]  # D, as a row scaling
+    if eig is None:
+        s, u = torch.linalg.eigh(h_starts * scale.mT * scale)
+        eig = (s.clamp_min(0), u)  # H is positive semidefinite; rounding can leave -eps eigenvalues
+    s, u = eig
+    weights = decay.pair if beta is None else decay.pair * beta[:, :, None, :]
+    weights = weights.sqrt()  # sqrt(pair[t, i] beta_i), zero for i > t: (BH, M, t, i)
+    group = max(1, SOLVE_GROUP_ELEMENTS // (BH * sub * sub * Dk))
+    out = torch.empty_like(rhs)
+    for m0 in range(0, M, group):
+        m = slice(m0, min(m0 + group, M))
+        g = m.stop - m.start
+        keys = (k[:, m] * scale) @ u[:, m]  # scaled keys in the eigenbasis, (BH, g, i, Dk)
+        b_inv = 1.0 / (1.0 + decay.inside[:, m, :, None] * s[:, m, None, :])  # diagonal of B_t^{-1}: (BH, g, t, Dk)
+        # Capacitance I + F_t B_t^{-1} F_t^T for every t at once: B_t^{-1} changes with t only through
+        # its diagonal, so one product with the pairwise key products gives all of them.
+        pairs = (keys[:, :, :, None, :] * keys[:, :, None, :, :]).view(BH, g, sub * sub, Dk)
+        capacitance = (b_inv @ pairs.mT).view(BH, g, sub, sub, sub)
+        capacitance *= weights[:, m, :, :, None] * weights[:, m, :, None, :]
+        capacitance.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        z = b_inv * ((rhs[:, m] * scale) @ u[:, m])  # B_t^{-1} r_t in the eigenbasis
+        small = (z @ keys.mT) * weights[:, m]  # F_t B_t^{-1} r_t: (BH, g, t, i)
+        factor = torch.linalg.cholesky_ex(capacitance)[0]
+        small = torch.cholesky_solve(small[..., None], factor)[..., 0]
+        z = z - b_inv * ((small * weights[:, m]) @ keys)
+        out[:, m] = (z @ u[:, m].mT) * scale
+    return out, eig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +376,7 @@ class _ChunkMesa(torch.autograd.Function):
         kb = kc if bc is None else kc * bc[..., None]  # written keys, beta_i k_i
 
         g_starts, g_t = _scan(_chunk_updates(vc, kb, decay), total, g0)
-        p_starts = w = h_starts = None
+        p_starts = w = h_starts = eig = None
         if woodbury:
             # The key statistic is needed only at block starts and at the end (no decay here).
             rows = (BH, N // per_block, per_block * chunk, Dk)
@@ -283,7 +386,13 @@ class _ChunkMesa(torch.autograd.Function):
             x = _woodbury_solve(qc, p_starts, w)
         else:
             h_starts, h_t = _scan(_chunk_updates(kb, kc, decay), total, h0)
-            x = _direct_solve(qc, kc, bc, lam_bh, h_starts, decay)
+            sub = _eig_subchunk(chunk)
+            if sub:
+                starts, sub_decay = _subchunk_starts(kc, kb, lgc, h_starts, sub)
+                x, eig = _eig_woodbury_solve(*_sub_layout(sub, qc, kc, bc), lam_bh, sub_decay, h_starts=starts)
+                x, h_starts = x.view_as(qc), None
+            else:
+                x = _direct_solve(qc, kc, bc, lam_bh, h_starts, decay)
 
         # o_t = G_t x_t: the state at the chunk start plus the chunk's own writes up to t.
         scores = _causal(x @ kb.mT, decay)
@@ -295,7 +404,7 @@ class _ChunkMesa(torch.autograd.Function):
         ctx.save_for_backward(kc, vc, bc, lgc)
         # Intermediates live on ctx; the final states serve only the log-gamma gradient.
         final = None if decay is None else (h_t.clone(), g_t.clone())
-        ctx.solver = (x, g_starts, p_starts, w, h_starts, lam_bh, final)
+        ctx.solver = (x, g_starts, p_starts, w, h_starts, eig, lam_bh, final)
         ctx.shape = (B, T, H)
         return _from_chunks(o, B, T), h_t.view(B, H, Dk, Dk), g_t.view(B, H, Dv, Dk)
 
@@ -303,7 +412,7 @@ class _ChunkMesa(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do, dh_t, dg_t):
         kc, vc, bc, lgc = ctx.saved_tensors
-        x, g_starts, p_starts, w, h_starts, lam_bh, final = ctx.solver
+        x, g_starts, p_starts, w, h_starts, eig, lam_bh, final = ctx.solver
         B, T, H = ctx.shape
         BH, N, C, Dk = kc.shape
         Dv = vc.shape[-1]
@@ -322,6 +431,10 @@ class _ChunkMesa(torch.autograd.Function):
         # dq_t = y_t = (H_t + Lambda)^{-1} dx_t, with the same matrices as the forward solve.
         if p_starts is not None:
             y = _woodbury_solve(dx, p_starts, w)
+        elif eig is not None:
+            sub = _eig_subchunk(C)
+            sub_decay = _Decay(lgc.reshape(BH, -1, sub), kc.dtype)
+            y = _eig_woodbury_solve(*_sub_layout(sub, dx, kc, bc), lam_bh, sub_decay, eig=eig)[0].view_as(dx)
         else:
             y = _direct_solve(dx, kc, bc, lam_bh, h_starts, decay)
 
