@@ -10,8 +10,10 @@ has two exact solvers (the math is in ``README.md`` beside this file):
   low-rank downdates ``P <- P - W^T W``, one small Cholesky factor per leaf of keys; all queries of
   a chunk are then solved at once with ``X = Q P - tril(Q W^T) W``.
 * gated (some ``gamma < 1``): the regulariser does not decay, so no low-rank identity links the
-  per-token systems; every token's matrix is formed (a matrix product per chunk) and solved
-  directly, a group of chunks at a time.
+  per-token systems. In the basis scaled by ``Lambda^{-1/2}`` the regulariser is the identity, which
+  is diagonal in the eigenbasis of the statistic at a sub-chunk start; one eigendecomposition per
+  16-token sub-chunk and a small Woodbury capacitance matrix per token then solve exactly. (Chunk
+  sizes without a suitable divisor form every token's matrix and solve it directly.)
 
 The backward pass is written by hand (implicit differentiation of the solves): it needs one more
 solve per token with the same matrices, ``y_t = (H_t + Lambda)^{-1} G_t^T do_t``, and otherwise only
