@@ -57,6 +57,7 @@ class _RegisterAfterExec(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
+        _remove_hook()
         try:
             self._loader.exec_module(module)
         finally:
@@ -76,7 +77,7 @@ class _RegisterAfterExec(importlib.abc.Loader):
 
 
 class _LiteLLMImportHook(importlib.abc.MetaPathFinder):
-    """Finds litellm through the other finders and wraps its loader, once."""
+    """Finds litellm through the other finders and wraps its loader; removed once litellm runs."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != "litellm":
@@ -91,7 +92,8 @@ class _LiteLLMImportHook(importlib.abc.MetaPathFinder):
             return None
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        _remove_hook()
+        # find_spec alone imports nothing (DSPy's lazy loader asks first, imports later), so
+        # the hook stays until litellm has actually run.
         spec.loader = _RegisterAfterExec(spec.loader)
         return spec
 

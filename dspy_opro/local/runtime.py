@@ -286,21 +286,28 @@ def _close_loaded() -> None:
             pass
 
 
+# Loads take turns. While loading, llama-cpp-python initialises process-global backend state and
+# points file descriptors 1 and 2 at /dev/null, restoring them afterwards; two loads interleaved
+# can leave stdout and stderr silenced for good. A load takes a fraction of a second.
+_load_lock = threading.Lock()
+
+
 def _load_llama(settings: RuntimeSettings) -> Any:
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise LlamaCppNotInstalledError(
-            f"The local model needs `llama-cpp-python`, which is not installed; {INSTALL_HINT}"
-        ) from exc
-    logger.info("Loading %s (n_ctx=%d, n_threads=%d)", settings.path, settings.n_ctx, settings.n_threads)
-    llama = llama_cpp.Llama(
-        model_path=str(settings.path),
-        n_ctx=settings.n_ctx,
-        n_threads=settings.n_threads,
-        n_threads_batch=settings.n_threads,
-        verbose=False,
-    )
+    with _load_lock:
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise LlamaCppNotInstalledError(
+                f"The local model needs `llama-cpp-python`, which is not installed; {INSTALL_HINT}"
+            ) from exc
+        logger.info("Loading %s (n_ctx=%d, n_threads=%d)", settings.path, settings.n_ctx, settings.n_threads)
+        llama = llama_cpp.Llama(
+            model_path=str(settings.path),
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads,
+            n_threads_batch=settings.n_threads,
+            verbose=False,
+        )
     global _close_at_exit
     with _loaded_lock:
         if not _close_at_exit:
