@@ -14,8 +14,9 @@ forward + backward wall time and peak memory for:
 
 Timing is the minimum over ``--repeats`` runs after one warm-up (a single run when one call takes more than a
 few seconds). Peak memory is the largest amount of memory held by torch tensors during the call beyond what was
-held when it started, read from the torch profiler's memory timeline (``profile_memory=True``): on CPU
-``tracemalloc`` does not see torch's allocator, and the resident set size would add the allocator's caching.
+held when it started, summed in time order from the allocation and free events the torch profiler records with
+``profile_memory=True``: on CPU ``tracemalloc`` does not see torch's allocator, and the resident set size would
+add the C allocator's caching and never go down.
 On CUDA it is ``torch.cuda.max_memory_allocated`` over the same baseline.
 
 The forward's achieved GFLOP/s (the matrix products and factorisations the chunk algorithm executes, counted in
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -181,13 +183,16 @@ def measure_peak_bytes(run, device: str) -> float:
         _sync(device)
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
-    totals = [sum(row) for row in sizes]
-    return max(totals) - totals[0] if totals else float("nan")
+    # Every allocation (+bytes) and free (-bytes) of torch's CPU allocator during the call, in time order.
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 def bmm_rate(B: int, T: int, H: int, d: int, dtype: torch.dtype, device: str, repeats: int) -> float:
@@ -342,6 +347,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     logger.info("torch %s, %d threads, devices %s", torch.__version__, torch.get_num_threads(), args.device)
     rows, rates, notes = [], {}, []
     for device in args.device:
@@ -373,6 +379,11 @@ def main(argv=None):
                 )
                 rows.append(row)
     print()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} CPUs; 1-minute load "
+        f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes make OpenMP threads "
+        "wait for each other: compare at --threads 1 on a busy machine)"
+    )
     print(format_table(rows, rates))
     print()
     print(summarise(rows))

@@ -395,13 +395,15 @@ class _ChunkMesa(torch.autograd.Function):
                 x, h_starts = x.view_as(qc), None
             else:
                 x = _direct_solve(qc, kc, bc, lam_bh, h_starts, decay)
+        del qc  # large temporaries go as soon as they are used: peak memory is a few (T, H, D) tensors
 
         # o_t = G_t x_t: the state at the chunk start plus the chunk's own writes up to t.
-        scores = _causal(x @ kb.mT, decay)
-        inter = x @ g_starts.mT
+        o = x @ g_starts.mT
         if decay is not None:
-            inter *= decay.inside[..., None]
-        o = torch.baddbmm(inter.flatten(0, 1), scores.flatten(0, 1), vc.flatten(0, 1)).view(BH, N, chunk, Dv)
+            o *= decay.inside[..., None]
+        scores = _causal(x @ kb.mT, decay)
+        o = torch.baddbmm(o.flatten(0, 1), scores.flatten(0, 1), vc.flatten(0, 1)).view(BH, N, chunk, Dv)
+        del scores
 
         ctx.save_for_backward(kc, vc, bc, lgc)
         # Intermediates live on ctx; the final states serve only the log-gamma gradient.
@@ -447,23 +449,29 @@ class _ChunkMesa(torch.autograd.Function):
         dh_end = kc.new_zeros(BH, Dk, Dk) if dh_t is None else dh_t.reshape(BH, Dk, Dk).to(kc.dtype)
         rg, dg0 = _scan(do_in.mT @ x, total, dg_end, reverse=True)
         rh, dh0 = _scan(-(y_in.mT @ x), total, dh_end, reverse=True)
+        del do_in, y_in, dx
 
         # Per token, with Zg_t, Zh_t the accumulated adjoints: zg_k = Zg_t k_t, zh_k = Zh_t k_t,
         # zg_v = Zg_t^T v_t and zh_tk = Zh_t^T k_t. Pairs inside the chunk come from (C, C) score
-        # matrices, later chunks through rg/rh.
-        xk = _causal(x @ kc.mT, decay)
-        yk = _causal(y @ kc.mT, decay)
+        # matrices, later chunks through rg/rh; each (C, C) matrix is dropped once used.
+        scale = None if decay is None else decay.outside[..., None]
+        zg_v = vc @ rg
         zg_k = kc @ rg.mT
         zh_k = kc @ rh.mT
         zh_tk = kc @ rh
-        zg_v = vc @ rg
-        if decay is not None:
-            for z in (zg_k, zh_k, zh_tk, zg_v):
-                z *= decay.outside[..., None]
+        del rg, rh
+        if scale is not None:
+            for z in (zg_v, zg_k, zh_k, zh_tk):
+                z *= scale
+        zg_v += dov.mT @ x
+        del dov
+        xk = _causal(x @ kc.mT, decay)
         zg_k += xk.mT @ doc
         zh_k -= xk.mT @ y
+        del xk, doc
+        yk = _causal(y @ kc.mT, decay)
         zh_tk -= yk.mT @ x
-        zg_v += dov.mT @ x
+        del yk
 
         dk = zg_v.add_(zh_k).add_(zh_tk)
         if bc is not None:
