@@ -53,6 +53,40 @@ def resolve_lm(spec: Any, *, role: str) -> dspy.BaseLM | None:
     raise TypeError(f"{role} must be a dspy.LM or a litellm model string, got {type(spec).__name__}")
 
 
+def optimizer_model(spec: str, *, family: str = "auto", max_tokens: int = 512) -> tuple[dspy.BaseLM, str]:
+    """The prompt (optimizer) model for a litellm model string, with the meta-prompt family to use.
+
+    ``"auto"`` picks ``"base"`` for the embedded local models (``local/...``: a small model
+    proposes far more usable text when it continues a list than when it is asked in words)
+    and ``"chat"`` for every other model. A ``"base"`` model is a text-completion LM that sends
+    the meta-prompt unchanged (`dspy_opro.local.text_lm`); the others are chat LMs.
+
+    Args:
+        spec: A litellm model string, e.g. ``"local/smollm2"`` or ``"openai/gpt-4o-mini"``.
+        family: ``"auto"``, ``"chat"``, ``"paper"`` or ``"base"``.
+        max_tokens: Longest reply.
+
+    Returns:
+        The LM and the resolved family.
+    """
+    from .local import local_lm, text_lm
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"the prompt model must be a litellm model string such as 'local/smollm2', got {spec!r}")
+    is_local = spec.startswith("local/")
+    if family == "auto":
+        family = "base" if is_local else "chat"
+    if family not in ("chat", "paper", "base"):
+        raise ValueError(f"family must be 'auto', 'chat', 'paper' or 'base', got {family!r}")
+    model_type = "text" if family == "base" else "chat"
+    if is_local:
+        return local_lm(spec, model_type=model_type, max_tokens=max_tokens), family
+    if family == "base":
+        check_model_string(spec)
+        return text_lm(spec, max_tokens=max_tokens), family
+    return resolve_lm(spec, role="prompt_model").copy(max_tokens=max_tokens), family
+
+
 def lm_name(lm: dspy.BaseLM | None) -> str | None:
     """A printable, secret-free name for an LM (its model string)."""
     return None if lm is None else str(getattr(lm, "model", type(lm).__name__))

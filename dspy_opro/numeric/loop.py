@@ -26,7 +26,7 @@ import dspy
 from tqdm.auto import tqdm
 
 from dspy_opro.history import Checkpoint, digest
-from dspy_opro.models import CallCounter, CallStats, lm_name, resolve_lm, sample_replies
+from dspy_opro.models import CallCounter, CallStats, lm_name, optimizer_model, resolve_lm, sample_replies
 
 from .problem import STYLES, InvalidProposal, Problem, Scored, render_meta_prompt
 
@@ -294,14 +294,11 @@ def resolve_style(style: str, lm: Any) -> str:
     return style
 
 
-def make_prompt_model(spec: str, *, style: str = "auto", max_tokens: int = 512) -> tuple[dspy.LM, str]:
+def make_prompt_model(spec: str, *, style: str = "auto", max_tokens: int = 512) -> tuple[dspy.BaseLM, str]:
     """A prompt model for a meta-prompt style, from a litellm model string.
 
-    ``"auto"`` picks ``"base"`` for the embedded local models (``local/...``: a small model
-    proposes far more usable solutions when it continues a list than when it is asked in
-    words) and ``"chat"`` for everything else. A ``"base"`` model is a text-completion LM that
-    sends the meta-prompt unchanged (`dspy_opro.local.text_lm`); a ``"chat"`` model is a
-    ``dspy.LM`` on the litellm chat API.
+    ``"auto"`` picks ``"base"`` (a list continued as a raw text completion) for the embedded
+    local models and ``"chat"`` for everything else; see `dspy_opro.models.optimizer_model`.
 
     Args:
         spec: A litellm model string, e.g. ``"local/smollm2"`` or ``"openai/gpt-4o-mini"``.
@@ -311,22 +308,9 @@ def make_prompt_model(spec: str, *, style: str = "auto", max_tokens: int = 512) 
     Returns:
         The LM and the resolved style.
     """
-    from dspy_opro.local import local_lm, text_lm
-
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"spec must be a litellm model string such as 'local/smollm2', got {spec!r}")
-    is_local = spec.startswith("local/")
-    if style == "auto":
-        style = "base" if is_local else "chat"
-    if style not in STYLES:
+    if style not in ("auto", *STYLES):
         raise ValueError(f"style must be 'auto' or one of {STYLES}, got {style!r}")
-    model_type = "text" if style == "base" else "chat"
-    if is_local:
-        return local_lm(spec, model_type=model_type, max_tokens=max_tokens), style
-    if style == "base":
-        return text_lm(spec, max_tokens=max_tokens), style
-    lm = resolve_lm(spec, role="prompt_model")
-    return lm.copy(max_tokens=max_tokens), style
+    return optimizer_model(spec, family=style, max_tokens=max_tokens)
 
 
 def optimize(
