@@ -13,11 +13,19 @@ forward + backward wall time and peak memory for:
 * on CUDA, also fla's ``chunk_mesa_net`` (30 conjugate-gradient steps, bfloat16) when it is importable.
 
 Timing is the minimum over ``--repeats`` runs after one warm-up (a single run when one call takes more than a
-few seconds). Peak memory is the largest amount of memory held by torch tensors during the call beyond what was
-held when it started, summed in time order from the allocation and free events the torch profiler records with
-``profile_memory=True``: on CPU ``tracemalloc`` does not see torch's allocator, and the resident set size would
-add the C allocator's caching and never go down.
-On CUDA it is ``torch.cuda.max_memory_allocated`` over the same baseline.
+few seconds). Peak memory (``--memory``) is how much the call adds at its peak over what the process held when
+it started:
+
+* ``rss`` (default on Linux): the growth of the resident set, read as the kernel's high-water mark ``VmHWM``
+  after resetting it (``/proc/self/clear_refs``) and returning freed heap memory to the system
+  (``malloc_trim``), minus ``VmRSS`` at the start. It counts everything the call really touched - tensors, LAPACK
+  workspaces, allocator fragmentation - and costs nothing to measure.
+* ``profiler``: the largest sum of live torch tensor bytes, from the allocation and free events the torch
+  profiler records with ``profile_memory=True``. Tensors only; the profiler itself needs gigabytes on the
+  thousands-of-steps autograd loops of the baselines.
+
+``tracemalloc`` would see none of it (torch allocates outside Python's allocator). On CUDA the number is
+``torch.cuda.max_memory_allocated`` over the same baseline.
 
 The forward's achieved GFLOP/s (the matrix products and factorisations the chunk algorithm executes, counted in
 full, triangular products included; for SDPA the causal half of its two products) is compared with the rate of
@@ -31,6 +39,7 @@ Run ``python benchmarks/mesa_attention.py`` for the full table (a few minutes on
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import math
 import os
@@ -173,8 +182,16 @@ def measure_time(run, device: str, repeats: int) -> float:
     return best
 
 
-def measure_peak_bytes(run, device: str) -> float:
-    """Peak bytes held by torch tensors during ``run`` beyond those held at its start."""
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def measure_peak_bytes(run, device: str, how: str) -> float:
+    """Peak bytes the call adds over what was held at its start (see the module docstring)."""
     if device.startswith("cuda"):
         _sync(device)
         torch.cuda.reset_peak_memory_stats()
@@ -182,6 +199,13 @@ def measure_peak_bytes(run, device: str) -> float:
         run()
         _sync(device)
         return torch.cuda.max_memory_allocated() - base
+    if how == "rss":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set size to the current one
+        base = _proc_status_bytes("VmRSS")
+        run()
+        return _proc_status_bytes("VmHWM") - base
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -223,11 +247,11 @@ def benchmark_row(method, T, args, device):
         call(qg, kg, vg, extra_g).sum().backward()
 
     row["fwdbwd_s"] = measure_time(forward_backward, device, args.repeats)
-    if not args.no_memory:
-        row["fwd_mb"] = measure_peak_bytes(forward, device) / 2**20
+    if args.memory != "none":
+        row["fwd_mb"] = measure_peak_bytes(forward, device, args.memory) / 2**20
         for t in leaves:
-            t.grad = None
-        row["fwdbwd_mb"] = measure_peak_bytes(forward_backward, device) / 2**20
+            t.grad = None  # the measured call allocates the gradients afresh, and they count
+        row["fwdbwd_mb"] = measure_peak_bytes(forward_backward, device, args.memory) / 2**20
     flops = None
     if method == "chunk":
         flops = chunk_forward_flops(args.batch, T, args.heads, args.dim, args.dim, args.chunk_size)
@@ -327,13 +351,16 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", nargs="+", default=None, help="devices (default: cpu, plus cuda when available)")
-    p.add_argument("--no-memory", action="store_true", help="skip the (slower) peak-memory passes")
+    default_memory = "rss" if os.path.exists("/proc/self/clear_refs") else "profiler"
+    p.add_argument(
+        "--memory", choices=["rss", "profiler", "none"], default=default_memory, help="how to measure peak memory"
+    )
     p.add_argument("--quick", action="store_true", help="T up to 2048, one repeat, no memory")
     p.add_argument("--plot", type=Path, default=Path("runs/mesa_attention.png"), help="where to write the plot")
     args = p.parse_args(argv)
     if args.quick:
         args.T = [t for t in args.T if t <= 2048]
-        args.repeats, args.no_memory = 1, True
+        args.repeats, args.memory = 1, "none"
     if args.max_T is not None:
         args.T = [t for t in args.T if t <= args.max_T]
     args.dtype = getattr(torch, args.dtype)
@@ -382,7 +409,8 @@ def main(argv=None):
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} CPUs; 1-minute load "
         f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes make OpenMP threads "
-        "wait for each other: compare at --threads 1 on a busy machine)"
+        "wait for each other: compare at --threads 1 on a busy machine); peak memory by "
+        f"{args.memory!r}"
     )
     print(format_table(rows, rates))
     print()

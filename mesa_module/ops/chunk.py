@@ -85,7 +85,8 @@ def _to_chunks(x: torch.Tensor, num_chunks: int, chunk: int) -> torch.Tensor:
     pad = num_chunks * chunk - T
     if pad:
         x = F.pad(x, (0, 0, 0, pad))
-    return x.reshape(B * H, num_chunks, chunk, x.shape[-1])
+    # Contiguous: for B = 1 the reshape can be a strided view, which every matmul would copy again.
+    return x.reshape(B * H, num_chunks, chunk, x.shape[-1]).contiguous()
 
 
 def _from_chunks(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -206,7 +207,7 @@ def _woodbury_factors(
             upper = torch.linalg.cholesky_ex(torch.baddbmm(eye[r1 - r0], kp, leaf.mT), upper=True)[0]
             w_leaf_t = torch.linalg.solve_triangular(upper, kp.mT, upper=True, left=False)
             w[:, :, j, r0:r1] = w_leaf_t.mT.view(BH, blocks, r1 - r0, Dk)
-            p = torch.baddbmm(p, w_leaf_t, w_leaf_t.mT, alpha=-1)
+            p.baddbmm_(w_leaf_t, w_leaf_t.mT, alpha=-1)  # p_starts holds copies, so in place is safe
     return p_starts.view(BH, N, Dk, Dk), w.view(BH, N, C, Dk)
 
 
@@ -214,7 +215,7 @@ def _woodbury_solve(rhs: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torc
     """Rows ``(H_t + Lambda)^{-1} r_t`` of a chunk: ``R P - tril(R W^T) W``."""
     shape = rhs.shape
     rhs, p, w = rhs.flatten(0, 1), p.flatten(0, 1), w.flatten(0, 1)
-    return torch.baddbmm(rhs @ p, (rhs @ w.mT).tril_(), w, alpha=-1).view(shape)
+    return (rhs @ p).baddbmm_((rhs @ w.mT).tril_(), w, alpha=-1).view(shape)
 
 
 def _direct_solve(
@@ -362,7 +363,8 @@ class _ChunkMesa(torch.autograd.Function):
         N = -(-T // chunk)
         per_block = 1
         if woodbury:
-            # Blocks of chunks share one exact inverse at their start; pad N to whole blocks.
+            # Blocks of chunks share one exact inverse at their start; pad N to whole blocks. (A block
+            # length balancing the per-block inverses against the sequential steps measured no faster.)
             leaves = -(-chunk // LEAF_SIZE)
             per_block = min(N, max(1, MAX_STEPS_PER_BLOCK // leaves))
             blocks = -(-N // per_block)
@@ -402,7 +404,7 @@ class _ChunkMesa(torch.autograd.Function):
         if decay is not None:
             o *= decay.inside[..., None]
         scores = _causal(x @ kb.mT, decay)
-        o = torch.baddbmm(o.flatten(0, 1), scores.flatten(0, 1), vc.flatten(0, 1)).view(BH, N, chunk, Dv)
+        o = o.flatten(0, 1).baddbmm_(scores.flatten(0, 1), vc.flatten(0, 1)).view(BH, N, chunk, Dv)
         del scores
 
         ctx.save_for_backward(kc, vc, bc, lgc)
@@ -430,7 +432,7 @@ class _ChunkMesa(torch.autograd.Function):
         dx = doc @ g_starts
         if decay is not None:
             dx *= decay.inside[..., None]
-        dx = torch.baddbmm(dx.flatten(0, 1), dov.flatten(0, 1), kb.flatten(0, 1)).view(BH, N, C, Dk)
+        dx = dx.flatten(0, 1).baddbmm_(dov.flatten(0, 1), kb.flatten(0, 1)).view(BH, N, C, Dk)
 
         # dq_t = y_t = (H_t + Lambda)^{-1} dx_t, with the same matrices as the forward solve.
         if p_starts is not None:
