@@ -263,9 +263,10 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=30)
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", action="store_true", help="use DSPy's cache (wall times then mean little)")
     parser.add_argument("--out", default="runs/optimizers.png")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("dspy").setLevel(logging.WARNING)
 
     task_lm = resolve_lm(args.task_model, role="task_model")
     if task_lm.model.startswith("local/"):
@@ -274,7 +275,9 @@ def main() -> None:
 
         task_lm = local_lm(args.task_model, **TASK_LM_SETTINGS)
         dspy.configure(adapter=SmallModelAdapter())
+    task_lm = task_lm.copy(cache=args.cache)
     prompt_lm, family = optimizer_model(args.prompt_model)
+    prompt_lm = prompt_lm.copy(cache=args.cache)
     task_lm._benchmark_role, prompt_lm._benchmark_role = "task", "prompt"
 
     results = []
