@@ -53,6 +53,14 @@ INSTRUCTIONS = (
 )
 
 
+def _load() -> str:
+    """The 1-minute load average: other processes on the machine skew every figure here."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100) with linear interpolation."""
     ordered = sorted(values)
@@ -181,10 +189,12 @@ def bench_threads(args: argparse.Namespace) -> dict:
     import litellm
 
     requests = chat_requests(args.thread_calls, seed=300)
-    results = {}
-    rows = []
-    for mode in ("lock", "pool"):
-        for threads in (1, 2, 4):
+    configs = [(mode, threads) for mode in ("lock", "pool") for threads in (1, 2, 4)]
+    runs: dict[tuple[str, int], list[tuple[float, int]]] = {config: [] for config in configs}
+    contexts: dict[tuple[str, int], tuple[int, int]] = {}
+    # Rounds interleave the configurations, so load from other processes spreads over all of them.
+    for _ in range(args.rounds):
+        for mode, threads in configs:
             runtime.unload_all()
             options = {"temperature": 0.0, "max_tokens": args.max_tokens, "concurrency": mode}
 
@@ -195,28 +205,44 @@ def bench_threads(args: argparse.Namespace) -> dict:
                 list(pool.map(call, requests[:threads]))  # load the contexts this many callers use
                 start = time.perf_counter()
                 tokens = sum(pool.map(call, requests))
-                seconds = time.perf_counter() - start
+                runs[(mode, threads)].append((time.perf_counter() - start, tokens))
             settings = runtime.runtime_settings("smollm2", concurrency=mode)
-            contexts = runtime.get_runtime(settings).loaded
-            results[f"{mode}/{threads}"] = {
-                "calls_per_s": len(requests) / seconds,
-                "tokens_per_s": tokens / seconds,
-                "contexts": contexts,
-                "threads_per_context": settings.n_threads,
-            }
-            rows.append(
-                [
-                    mode,
-                    threads,
-                    contexts,
-                    settings.n_threads,
-                    f"{len(requests) / seconds:.2f}",
-                    f"{tokens / seconds:.0f}",
-                ]
-            )
+            contexts[(mode, threads)] = (runtime.get_runtime(settings).loaded, settings.n_threads)
+    results = {}
+    rows = []
+    for mode, threads in configs:
+        rates = sorted(len(requests) / seconds for seconds, _ in runs[(mode, threads)])
+        token_rates = sorted(tokens / seconds for seconds, tokens in runs[(mode, threads)])
+        loaded, per_context = contexts[(mode, threads)]
+        results[f"{mode}/{threads}"] = {
+            "calls_per_s": rates,
+            "completion_tokens_per_s": token_rates,
+            "contexts": loaded,
+            "threads_per_context": per_context,
+        }
+        rows.append(
+            [
+                mode,
+                threads,
+                loaded,
+                per_context,
+                f"{statistics.median(rates):.2f}",
+                f"{rates[-1]:.2f}",
+                f"{statistics.median(token_rates):.0f}",
+            ]
+        )
     table(
-        f"Throughput, {len(requests)} chat calls, greedy, max_tokens={args.max_tokens}, {runtime.cpu_count()} cores",
-        ["mode", "caller threads", "contexts", "llama threads/context", "calls/s", "completion tokens/s"],
+        f"Throughput, {len(requests)} chat calls per run, {args.rounds} interleaved rounds, greedy, "
+        f"max_tokens={args.max_tokens}, {runtime.cpu_count()} cores",
+        [
+            "mode",
+            "caller threads",
+            "contexts",
+            "llama threads/context",
+            "calls/s median",
+            "calls/s best",
+            "tokens/s median",
+        ],
         rows,
     )
     return results
@@ -257,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--examples", type=int, default=20, help="demo problems per adapter in the parse section")
     parser.add_argument("--parse-max-tokens", type=int, default=128)
     parser.add_argument("--parse-instructions", nargs="+", default=["", "Answer the question."])
-    parser.add_argument("--thread-calls", type=int, default=24, help="calls per lock/pool measurement")
+    parser.add_argument("--thread-calls", type=int, default=16, help="calls per lock/pool measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the lock/pool measurements")
     parser.add_argument("--accuracy-examples", type=int, default=40)
     parser.add_argument("--instructions", nargs="+", default=list(INSTRUCTIONS))
     parser.add_argument("--threads", type=int, default=2, help="threads for the accuracy section")
@@ -269,12 +296,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
 
     register()
-    print(f"model: {runtime.resolve_model_path('smollm2')}  cores: {runtime.cpu_count()}")
+    print(f"model: {runtime.resolve_model_path('smollm2')}  cores: {runtime.cpu_count()}  load: {_load()}")
     results = {}
     for section in chosen:
         start = time.perf_counter()
         results[section] = globals()[f"bench_{section}"](args)
-        print(f"({section}: {time.perf_counter() - start:.0f} s)")
+        print(f"({section}: {time.perf_counter() - start:.0f} s; load average now {_load()})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")

@@ -22,6 +22,7 @@ from dspy_opro.local import (
     LlamaCppNotInstalledError,
     ModelNotFoundError,
     SmallModelAdapter,
+    is_local_lm,
     is_text_lm,
     local_lm,
     register,
@@ -208,6 +209,7 @@ def test_text_engine_sends_the_prompt_unchanged(monkeypatch, litellm):
     lm = text_lm("local/smollm2", cache=False)
     assert is_text_lm(lm) and lm.model_type == "text"
     assert not is_text_lm(dspy.LM("local/smollm2", engine="litellm"))
+    assert is_local_lm(lm) and not is_local_lm(dspy.LM("openai/gpt-4o-mini"))
     prompt = "Precision: 50 <TEXT>Solve it.</TEXT>\nPrecision: 60 <TEXT>"
     out = lm.copy(temperature=1.0, rollout_id=3)(prompt, max_tokens=20, stop=["</TEXT>"], seed=7)
     assert out == [" continued"]
@@ -245,6 +247,13 @@ def test_adapter_formats_instructions_inputs_and_demos():
     ]
     blank = dspy.Signature("question -> answer").with_instructions(" ")
     assert adapter.format(blank, [], {"question": "q"}) == [{"role": "user", "content": "Question: q"}]
+    chat = dspy.Signature("question, history: dspy.History -> answer").with_instructions("Be brief.")
+    history = dspy.History(messages=[{"question": "Q1", "answer": "A1"}])
+    assert adapter.format(chat, [], {"question": "Q2", "history": history})[1:] == [
+        {"role": "user", "content": "Question: Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Question: Q2"},
+    ]
 
 
 def test_adapter_asks_for_labeled_lines_with_several_outputs():
@@ -338,6 +347,28 @@ def test_sampling_n_seed_and_stop(litellm):
     )
     assert stopped.choices[0].text.strip() == "7"
     assert stopped.choices[0].finish_reason == "stop"
+
+
+@needs_model
+def test_errors_for_long_prompts_bad_settings_and_unknown_parameters(litellm, caplog):
+    with pytest.raises(litellm.ContextWindowExceededError, match="n_ctx=256"):
+        litellm.text_completion(model="local/smollm2", prompt="word " * 600, n_ctx=256, max_tokens=5)
+    with pytest.raises(litellm.BadRequestError, match="max_tokens must be at least 1"):
+        litellm.completion(model="local/smollm2", messages=ask("France"), max_tokens=0)
+    with caplog.at_level("WARNING", logger="dspy_opro.local.provider"):
+        for _ in range(2):
+            litellm.completion(
+                model="local/smollm2", messages=ask("France"), max_tokens=2, logit_bias={"1": 5}, temperature=0
+            )
+    assert sum("logit_bias" in record.getMessage() for record in caplog.records) == 1  # warned once
+
+
+@needs_model
+def test_streaming_delivers_the_completion(litellm):
+    chunks = litellm.completion(
+        model="local/smollm2", messages=ask("France"), temperature=0, max_tokens=12, stream=True
+    )
+    assert "Paris" in "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
 
 
 @needs_model

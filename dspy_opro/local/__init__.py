@@ -21,8 +21,8 @@ Responses carry ``usage`` and each choice's ``finish_reason`` (``"stop"`` or ``"
 Threads: see `dspy_opro.local.runtime` for the context pool (default) and the lock, and `configure`.
 
 Heavy modules load lazily: this package imports neither litellm, dspy nor llama_cpp; the names
-`local_lm`, `text_lm`, `is_text_lm`, `TextCompletionEngine` and `SmallModelAdapter` import dspy on
-first access.
+`local_lm`, `text_lm`, `is_text_lm`, `is_local_lm`, `TextCompletionEngine` and `SmallModelAdapter`
+import dspy on first access.
 """
 
 from typing import Any
@@ -45,6 +45,7 @@ _LAZY = {
     "local_lm": "dspy_opro.local.lm",
     "text_lm": "dspy_opro.local.lm",
     "is_text_lm": "dspy_opro.local.lm",
+    "is_local_lm": "dspy_opro.local.lm",
     "TextCompletionEngine": "dspy_opro.local.lm",
     "AsyncTextCompletionEngine": "dspy_opro.local.lm",
     "SmallModelAdapter": "dspy_opro.local.adapter",
@@ -60,6 +61,7 @@ __all__ = [
     "SmallModelAdapter",
     "TextCompletionEngine",
     "configure",
+    "is_local_lm",
     "is_registered",
     "is_text_lm",
     "local_lm",

@@ -7,12 +7,13 @@ a 135M-parameter model produces neither most of the time, so nearly every call f
 - the system message is the signature's instructions, verbatim (omitted when blank), so an
   instruction optimizer changes exactly what the model reads first;
 - the user message holds the inputs as ``Field: value`` lines (``Question: ...``);
-- with one output field the whole reply is its value. A leading ``Answer:`` label, if the model
-  writes one, is dropped; non-text fields (``int``, ``float``, ...) are parsed from the reply, and
-  numbers fall back to the last number in it;
+- with one output field the whole reply is its value; if a line of the reply starts with the
+  field's label (``Answer: 12``), the value is what follows the label instead. Non-text fields
+  (``int``, ``float``, ...) are parsed from that text, and numbers fall back to its last number;
 - with several output fields the user message ends by asking for one ``Field: value`` line per
   output field. The reply is split at lines that start with a field's label (markdown emphasis
-  around the label is tolerated); a value runs until the next label. A last output field the
+  around the label is tolerated); a value runs until the next label, and a label seen a second
+  time ends the answer (small models repeat themselves). A last output field the
   model did not label receives the whole reply; any other text field it skipped is left empty;
   a skipped non-text field is a parse error;
 - demos (few-shot examples) become earlier user/assistant turns in the same layout, and a

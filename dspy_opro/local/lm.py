@@ -208,6 +208,14 @@ def is_text_lm(lm: Any) -> bool:
     return getattr(lm, "model_type", None) == "text"
 
 
+def is_local_lm(lm: Any) -> bool:
+    """Whether ``lm`` runs on the local provider (its model string starts with ``local/``).
+
+    Programs on such a model should run with `SmallModelAdapter` if the model is small.
+    """
+    return str(getattr(lm, "model", "")).startswith(f"{PROVIDER}/")
+
+
 def check_available(model: str = runtime.DEFAULT_MODEL) -> None:
     """Raise the error a first call would raise if the model file or llama-cpp-python is missing.
 

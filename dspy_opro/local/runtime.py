@@ -72,7 +72,18 @@ class ContextWindowError(LocalModelError, ValueError):
 # Finding the model file
 
 
+_smollm2_found: Path | None = None
+
+
 def _smollm2_path() -> Path:
+    global _smollm2_found
+    if _smollm2_found is not None and _smollm2_found.is_file():
+        return _smollm2_found
+    _smollm2_found = _find_smollm2()
+    return _smollm2_found
+
+
+def _find_smollm2() -> Path:
     # find_spec reads the package location without executing the package, whose __init__
     # imports the `llm` CLI framework and llama_cpp.
     try:
@@ -467,6 +478,8 @@ def generate(
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if max_tokens is not None and int(max_tokens) < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens!r}")
+    if temperature is not None and float(temperature) < 0:
+        raise ValueError(f"temperature must be at least 0, got {temperature!r}")
     options = {
         **SAMPLING_DEFAULTS,
         **sampling,
@@ -474,9 +487,10 @@ def generate(
         "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else int(max_tokens),
         "stop": [stop] if isinstance(stop, str) else list(stop or []),
     }
-    seeds = (
-        [seed + i for i in range(n)] if seed is not None else [random.SystemRandom().randrange(2**31) for _ in range(n)]
-    )
+    if seed is None:
+        seeds = [random.SystemRandom().randrange(2**31) for _ in range(n)]
+    else:
+        seeds = [(int(seed) + i) % 2**32 for i in range(n)]  # llama.cpp seeds are unsigned 32-bit
     result = Completion()
     with get_runtime(settings).acquire() as llama:
         for index, choice_seed in enumerate(seeds):
