@@ -260,40 +260,16 @@ def _eig_subchunk(chunk: int) -> int:
     return sub if sub >= 4 else 0
 
 
-def _sub_layout(sub: int, rhs: torch.Tensor, k: torch.Tensor, beta: torch.Tensor | None):
-    """(BH, N, C, D) chunk layout as (BH, N * C / sub, sub, D) sub-chunks (a view)."""
-    BH = k.shape[0]
-    return (
-        rhs.reshape(BH, -1, sub, rhs.shape[-1]),
-        k.reshape(BH, -1, sub, k.shape[-1]),
-        None if beta is None else beta.reshape(BH, -1, sub),
-    )
-
-
-def _subchunk_starts(
-    k: torch.Tensor, kb: torch.Tensor, log_gamma: torch.Tensor, h_starts: torch.Tensor, sub: int
-) -> tuple[torch.Tensor, _Decay]:
-    """Statistic ``H`` at the start of every sub-chunk of ``sub`` tokens, from the chunk starts.
-
-    Returns the states as (BH, N * C / sub, Dk, Dk) and the within-sub-chunk decays.
-    """
-    BH, N, C, Dk = k.shape
-    per_chunk = C // sub
-    decay = _Decay(log_gamma.reshape(BH * N, per_chunk, sub), k.dtype)
-    updates = _chunk_updates(kb.reshape(BH * N, per_chunk, sub, Dk), k.reshape(BH * N, per_chunk, sub, Dk), decay)
-    starts, _ = _scan(updates, decay.total, h_starts.reshape(BH * N, Dk, Dk))
-    return starts.view(BH, N * per_chunk, Dk, Dk), _Decay(log_gamma.reshape(BH, N * per_chunk, sub), k.dtype)
-
-
 def _eig_woodbury_solve(
     rhs: torch.Tensor,
     k: torch.Tensor,
+    kb: torch.Tensor,
     beta: torch.Tensor | None,
     lam: torch.Tensor,
-    decay: _Decay,
-    h_starts: torch.Tensor | None = None,
-    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    log_gamma: torch.Tensor,
+    h_starts: torch.Tensor,
+    sub: int,
+) -> torch.Tensor:
     """Rows ``(H_t + Lambda)^{-1} r_t`` for gated inputs, exactly, from one eigendecomposition per sub-chunk.
 
     In the basis scaled by ``D = Lambda^{-1/2}`` the undecayed regulariser is the identity. For token t of a
@@ -305,43 +281,48 @@ def _eig_woodbury_solve(
     capacitance matrix ``I + F_t B_t^{-1} F_t^T`` per token, ``B_t = I + e_t S``: O(sub^2 Dk) per token in
     batched products plus one small factorisation, and O(Dk^3 / sub) for the eigendecomposition.
 
-    Args:
-        rhs, k: (BH, M, sub, Dk) right-hand sides and keys in sub-chunk layout.
-        beta: (BH, M, sub) or None. lam: (BH, Dk). decay: within-sub-chunk decays over (BH, M, sub).
-        h_starts: (BH, M, Dk, Dk) states at the sub-chunk starts (to compute the eigendecomposition), or
-        eig: ``(S, U)`` from an earlier call with the same statistics.
+    A few chunks at a time (``SOLVE_GROUP_ELEMENTS``), the sub-chunk states are rebuilt from the chunk states
+    and decomposed, so nothing of size T Dk^2 / sub is ever held; the backward pass repeats this.
 
-    Returns:
-        ``(x, (S, U))``: the solutions (BH, M, sub, Dk) and the eigendecompositions, for reuse.
+    Args:
+        rhs, k, kb: (BH, N, C, Dk) right-hand sides, keys and written keys ``beta k``.
+        beta: (BH, N, C) or None. lam: (BH, Dk). log_gamma: (BH, N, C).
+        h_starts: (BH, N, Dk, Dk) statistic at the chunk starts.
+        sub: tokens per sub-chunk, a divisor of C.
     """
-    BH, M, sub, Dk = k.shape
+    BH, N, C, Dk = k.shape
+    per_chunk = C // sub
     scale = lam.rsqrt()[:, None, None, :]  # D, as a row scaling
-    if eig is None:
-        s, u = torch.linalg.eigh(h_starts * scale.mT * scale)
-        eig = (s.clamp_min(0), u)  # H is positive semidefinite; rounding can leave -eps eigenvalues
-    s, u = eig
-    weights = decay.pair if beta is None else decay.pair * beta[:, :, None, :]
-    weights = weights.sqrt()  # sqrt(pair[t, i] beta_i), zero for i > t: (BH, M, t, i)
-    group = max(1, SOLVE_GROUP_ELEMENTS // (BH * sub * sub * Dk))
+    eye = torch.eye(sub, dtype=k.dtype, device=k.device)
+    group = max(1, SOLVE_GROUP_ELEMENTS // (BH * C * sub * Dk))
     out = torch.empty_like(rhs)
-    for m0 in range(0, M, group):
-        m = slice(m0, min(m0 + group, M))
-        g = m.stop - m.start
-        keys = (k[:, m] * scale) @ u[:, m]  # scaled keys in the eigenbasis, (BH, g, i, Dk)
-        b_inv = 1.0 / (1.0 + decay.inside[:, m, :, None] * s[:, m, None, :])  # diagonal of B_t^{-1}: (BH, g, t, Dk)
+    for n0 in range(0, N, group):
+        n = slice(n0, min(n0 + group, N))
+        M = (n.stop - n.start) * per_chunk  # sub-chunks in this group, per batch and head
+        decay = _Decay(log_gamma[:, n].reshape(BH * M // per_chunk, per_chunk, sub), k.dtype)
+        keys = k[:, n].reshape(BH, M, sub, Dk)
+        updates = _chunk_updates(kb[:, n].reshape(-1, per_chunk, sub, Dk), keys.reshape(-1, per_chunk, sub, Dk), decay)
+        starts, _ = _scan(updates, decay.total, h_starts[:, n].reshape(-1, Dk, Dk))
+        s, u = torch.linalg.eigh(starts.view(BH, M, Dk, Dk) * scale.mT * scale)
+        s = s.clamp_min(0)  # H is positive semidefinite; rounding can leave -eps eigenvalues
+        inside, pair = decay.inside.view(BH, M, sub), decay.pair.view(BH, M, sub, sub)
+        weights = (pair if beta is None else pair * beta[:, n].reshape(BH, M, 1, sub)).sqrt()  # (BH, M, t, i)
+
+        keys = (keys * scale) @ u  # scaled keys in the eigenbasis, (BH, M, i, Dk)
+        b_inv = 1.0 / (1.0 + inside[..., None] * s[:, :, None, :])  # diagonal of B_t^{-1}: (BH, M, t, Dk)
         # Capacitance I + F_t B_t^{-1} F_t^T for every t at once: B_t^{-1} changes with t only through
         # its diagonal, so one product with the pairwise key products gives all of them.
-        pairs = (keys[:, :, :, None, :] * keys[:, :, None, :, :]).view(BH, g, sub * sub, Dk)
-        capacitance = (b_inv @ pairs.mT).view(BH, g, sub, sub, sub)
-        capacitance *= weights[:, m, :, :, None] * weights[:, m, :, None, :]
-        capacitance.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        z = b_inv * ((rhs[:, m] * scale) @ u[:, m])  # B_t^{-1} r_t in the eigenbasis
-        small = (z @ keys.mT) * weights[:, m]  # F_t B_t^{-1} r_t: (BH, g, t, i)
+        pairs = (keys[:, :, :, None, :] * keys[:, :, None, :, :]).view(BH, M, sub * sub, Dk)
+        capacitance = (b_inv @ pairs.mT).view(BH, M, sub, sub, sub)
+        capacitance *= weights[..., :, None] * weights[..., None, :]
+        capacitance += eye
+        z = b_inv * ((rhs[:, n].reshape(BH, M, sub, Dk) * scale) @ u)  # B_t^{-1} r_t in the eigenbasis
+        small = (z @ keys.mT) * weights  # F_t B_t^{-1} r_t: (BH, M, t, i)
         factor = torch.linalg.cholesky_ex(capacitance)[0]
         small = torch.cholesky_solve(small[..., None], factor)[..., 0]
-        z = z - b_inv * ((small * weights[:, m]) @ keys)
-        out[:, m] = (z @ u[:, m].mT) * scale
-    return out, eig
+        z = z - b_inv * ((small * weights) @ keys)
+        out[:, n] = ((z @ u.mT) * scale).view(BH, -1, C, Dk)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,7 +361,7 @@ class _ChunkMesa(torch.autograd.Function):
         kb = kc if bc is None else kc * bc[..., None]  # written keys, beta_i k_i
 
         g_starts, g_t = _scan(_chunk_updates(vc, kb, decay), total, g0)
-        p_starts = w = h_starts = eig = None
+        p_starts = w = h_starts = None
         if woodbury:
             # The key statistic is needed only at block starts and at the end (no decay here).
             rows = (BH, N // per_block, per_block * chunk, Dk)
@@ -392,9 +373,7 @@ class _ChunkMesa(torch.autograd.Function):
             h_starts, h_t = _scan(_chunk_updates(kb, kc, decay), total, h0)
             sub = _eig_subchunk(chunk)
             if sub:
-                starts, sub_decay = _subchunk_starts(kc, kb, lgc, h_starts, sub)
-                x, eig = _eig_woodbury_solve(*_sub_layout(sub, qc, kc, bc), lam_bh, sub_decay, h_starts=starts)
-                x, h_starts = x.view_as(qc), None
+                x = _eig_woodbury_solve(qc, kc, kb, bc, lam_bh, lgc, h_starts, sub)
             else:
                 x = _direct_solve(qc, kc, bc, lam_bh, h_starts, decay)
         del qc  # large temporaries go as soon as they are used: peak memory is a few (T, H, D) tensors
@@ -410,7 +389,7 @@ class _ChunkMesa(torch.autograd.Function):
         ctx.save_for_backward(kc, vc, bc, lgc)
         # Intermediates live on ctx; the final states serve only the log-gamma gradient.
         final = None if decay is None else (h_t.clone(), g_t.clone())
-        ctx.solver = (x, g_starts, p_starts, w, h_starts, eig, lam_bh, final)
+        ctx.solver = (x, g_starts, p_starts, w, h_starts, lam_bh, final)
         ctx.shape = (B, T, H)
         return _from_chunks(o, B, T), h_t.view(B, H, Dk, Dk), g_t.view(B, H, Dv, Dk)
 
@@ -418,7 +397,7 @@ class _ChunkMesa(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do, dh_t, dg_t):
         kc, vc, bc, lgc = ctx.saved_tensors
-        x, g_starts, p_starts, w, h_starts, eig, lam_bh, final = ctx.solver
+        x, g_starts, p_starts, w, h_starts, lam_bh, final = ctx.solver
         B, T, H = ctx.shape
         BH, N, C, Dk = kc.shape
         Dv = vc.shape[-1]
@@ -437,10 +416,8 @@ class _ChunkMesa(torch.autograd.Function):
         # dq_t = y_t = (H_t + Lambda)^{-1} dx_t, with the same matrices as the forward solve.
         if p_starts is not None:
             y = _woodbury_solve(dx, p_starts, w)
-        elif eig is not None:
-            sub = _eig_subchunk(C)
-            sub_decay = _Decay(lgc.reshape(BH, -1, sub), kc.dtype)
-            y = _eig_woodbury_solve(*_sub_layout(sub, dx, kc, bc), lam_bh, sub_decay, eig=eig)[0].view_as(dx)
+        elif _eig_subchunk(C):
+            y = _eig_woodbury_solve(dx, kc, kb, bc, lam_bh, lgc, h_starts, _eig_subchunk(C))
         else:
             y = _direct_solve(dx, kc, bc, lam_bh, h_starts, decay)
 

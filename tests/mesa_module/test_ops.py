@@ -112,18 +112,22 @@ def test_matches_naive_options(method, lam_per_head, initial_state, beta, dtype)
     assert rel_err(out, ref) <= TOL[dtype]
 
 
+# Work-group sizes: everything at once; 2 or 3 of the 4 chunks per group (a partial slice); one chunk each.
+@pytest.mark.parametrize("group_elements", [1 << 22, 20_000, 1], ids=["one_group", "groups", "chunk_by_chunk"])
 @pytest.mark.parametrize("subchunk", [16, 5, 1], ids=["eig16", "eig5", "direct"])
 @pytest.mark.parametrize("gate", ["strong", "weak"])
-def test_gated_solvers_match_naive(monkeypatch, gate, subchunk):
-    """Both gated solvers (eigen-Woodbury per sub-chunk, direct per-token solves), forward and gradients."""
+def test_gated_solvers_match_naive(monkeypatch, gate, subchunk, group_elements):
+    """Both gated solvers (eigen-Woodbury per sub-chunk, direct per-token solves), forward and gradients,
+    with the sequence solved in one group or a chunk at a time."""
     monkeypatch.setattr(chunk_module, "EIG_SUBCHUNK", subchunk)
+    monkeypatch.setattr(chunk_module, "SOLVE_GROUP_ELEMENTS", group_elements)
     assert chunk_module._eig_subchunk(40) == {16: 10, 5: 5, 1: 0}[subchunk]
-    inputs = make_inputs(2, 90, 2, 6, 5, gate=GATES[gate], beta=True, initial_state=True)
+    inputs = make_inputs(2, 130, 2, 6, 5, gate=GATES[gate], beta=True, initial_state=True)
     ref, _ = run(inputs, "naive", output_final_state=True)
     out, _ = run(inputs, "chunk", output_final_state=True, chunk_size=40)
     assert rel_err(out, ref) <= 1e-10
     g = torch.Generator().manual_seed(2)
-    weights = [torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 90, 2, 5), (2, 2, 6, 6), (2, 2, 5, 6))]
+    weights = [torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 130, 2, 5), (2, 2, 6, 6), (2, 2, 5, 6))]
     want, got = grads_of(inputs, "naive", weights), grads_of(inputs, "chunk", weights, chunk_size=40)
     for name in want:
         assert rel_err(got[name], want[name]) <= 1e-10, name
