@@ -338,6 +338,19 @@ class _ChunkMesa(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury):
+        # Everything runs in the inputs' dtype (float32 or float64): autocast would put products in bf16.
+        with torch.autocast(q.device.type, enabled=False):
+            return _ChunkMesa._forward(ctx, q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dh_t, dg_t):
+        # backward() is often called inside the training step's autocast region, which would apply here.
+        with torch.autocast(do.device.type, enabled=False):
+            return _ChunkMesa._backward(ctx, do, dh_t, dg_t)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury):
         B, T, H, Dk = q.shape
         Dv = v.shape[-1]
         BH = B * H
@@ -394,8 +407,7 @@ class _ChunkMesa(torch.autograd.Function):
         return _from_chunks(o, B, T), h_t.view(B, H, Dk, Dk), g_t.view(B, H, Dv, Dk)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, do, dh_t, dg_t):
+    def _backward(ctx, do, dh_t, dg_t):
         kc, vc, bc, lgc = ctx.saved_tensors
         x, g_starts, p_starts, w, h_starts, lam_bh, final = ctx.solver
         B, T, H = ctx.shape

@@ -18,6 +18,16 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 GATES = {"none": None, "strong": (0.01, 0.1), "weak": (0.8, 0.99), "one": (1.0, 1.0)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These shapes are tiny: threads only add OpenMP regions, each of which can wait a scheduler quantum for a
+    descheduled thread on a busy machine (minutes instead of seconds for this file)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_inputs(
     B=2,
     T=37,
@@ -371,6 +381,24 @@ def test_bf16_autocast_keeps_states_fp32(method):
     assert rel_err(out.float(), ref) <= 2e-2  # only the bf16 rounding of q, k, v and o
     # fp32 inputs under autocast are computed in fp32 all the way: autocast does not leak in.
     assert out32.dtype == torch.float32 and rel_err(out32, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("gate", ["none", "weak"])
+@pytest.mark.parametrize("method", ["chunk"])
+def test_backward_under_autocast_matches_fp32(method, gate):
+    """A training step may call backward() inside autocast: the chunk path's gradients stay fp32.
+
+    (naive and recurrent differentiate by autograd, whose formulas follow the autocast state of the thread
+    that runs backward - on CPU, the caller's.)
+    """
+    inputs = make_inputs(2, 40, 2, 8, 8, dtype=torch.float32, gate=GATES[gate], beta=True, initial_state=True)
+    weights = [torch.randn(2, 40, 2, 8), torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8)]
+    want = grads_of(inputs, method, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grads_of(inputs, method, weights)
+    for name in want:
+        assert got[name].dtype == torch.float32
+        assert rel_err(got[name], want[name]) <= 1e-5, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
