@@ -225,6 +225,19 @@ def test_gradients_match_naive(method, shape, gate):
         assert rel_err(got[name], ref[name]) <= 1e-10, name
 
 
+@pytest.mark.parametrize("gate", ["none", "weak"])
+@pytest.mark.parametrize("method", FAST_METHODS)
+def test_gradients_with_one_lambda_per_head(method, gate):
+    inputs = make_inputs(2, 30, 2, 5, 4, gate=GATES[gate], beta=True, lam_per_head=True)
+    assert inputs["lam"].shape == (2, 1)
+    weights = [torch.randn(2, 30, 2, 4, dtype=torch.float64), torch.randn(2, 2, 5, 5, dtype=torch.float64)]
+    weights.append(torch.randn(2, 2, 4, 5, dtype=torch.float64))
+    want, got = grads_of(inputs, "naive", weights), grads_of(inputs, method, weights, chunk_size=8)
+    assert got["lam"].shape == (2, 1)
+    for name in want:
+        assert rel_err(got[name], want[name]) <= 1e-10, name
+
+
 def test_gradients_match_naive_float32():
     inputs = make_inputs(2, 70, 2, 8, 8, dtype=torch.float32, gate=(0.8, 0.99), beta=True, initial_state=True)
     inputs64 = {
