@@ -61,6 +61,40 @@ def _load() -> str:
         return "n/a"
 
 
+class CpuWatch:
+    """Wall time of a block, and the CPU other processes used meanwhile (Linux; None elsewhere).
+
+    The machine may be shared: figures taken while other processes compete for the cores are
+    not comparable, so the threads section repeats a run until others stayed under a threshold.
+    """
+
+    def __enter__(self) -> CpuWatch:
+        self._wall, self._own, self._busy = time.perf_counter(), _own_cpu(), _busy_cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._wall
+        busy = _busy_cpu()
+        own = _own_cpu() - self._own
+        # Cores' worth of CPU used by everything except this process during the block.
+        self.others = None if busy is None or self._busy is None else max(0.0, (busy - self._busy - own) / self.seconds)
+
+
+def _own_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _busy_cpu() -> float | None:
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100) with linear interpolation."""
     ordered = sorted(values)
@@ -114,15 +148,22 @@ def bench_latency(args: argparse.Namespace) -> dict:
         ("text_lm (raw text)", through_text_lm, prompts),
     ):
         seconds, tokens = [], []
-        for item in inputs:
-            start = time.perf_counter()
-            count = fn(item)
-            seconds.append(time.perf_counter() - start)
-            if count is not None:
-                tokens.append(count)
+        with CpuWatch() as watch:
+            for item in inputs:
+                start = time.perf_counter()
+                count = fn(item)
+                seconds.append(time.perf_counter() - start)
+                if count is not None:
+                    tokens.append(count)
         median, p95 = statistics.median(seconds), percentile(seconds, 95)
         mean_tokens = statistics.mean(tokens) if tokens else None
-        results[name] = {"median_s": median, "p95_s": p95, "calls": len(seconds), "mean_completion_tokens": mean_tokens}
+        results[name] = {
+            "median_s": median,
+            "p95_s": p95,
+            "calls": len(seconds),
+            "mean_completion_tokens": mean_tokens,
+            "other_processes_cores": watch.others,
+        }
         rows.append(
             [
                 name,
@@ -130,11 +171,12 @@ def bench_latency(args: argparse.Namespace) -> dict:
                 f"{median * 1000:.0f}",
                 f"{p95 * 1000:.0f}",
                 "-" if not tokens else f"{mean_tokens:.1f}",
+                "n/a" if watch.others is None else f"{watch.others:.2f}",
             ]
         )
     table(
         f"Per-call latency, greedy, max_tokens={args.max_tokens}, one thread",
-        ["path", "calls", "median ms", "p95 ms", "mean completion tokens"],
+        ["path", "calls", "median ms", "p95 ms", "mean completion tokens", "others (cores)"],
         rows,
     )
     return results
@@ -190,33 +232,41 @@ def bench_threads(args: argparse.Namespace) -> dict:
 
     requests = chat_requests(args.thread_calls, seed=300)
     configs = [(mode, threads) for mode in ("lock", "pool") for threads in (1, 2, 4)]
-    runs: dict[tuple[str, int], list[tuple[float, int]]] = {config: [] for config in configs}
+    runs: dict[tuple[str, int], list[dict]] = {config: [] for config in configs}
     contexts: dict[tuple[str, int], tuple[int, int]] = {}
-    # Rounds interleave the configurations, so load from other processes spreads over all of them.
+    # Rounds interleave the configurations, so load from other processes spreads over all of them;
+    # a run during which other processes used more than --max-others cores is repeated.
     for _ in range(args.rounds):
         for mode, threads in configs:
-            runtime.unload_all()
-            options = {"temperature": 0.0, "max_tokens": args.max_tokens, "concurrency": mode}
+            for _attempt in range(args.tries):
+                runtime.unload_all()
+                options = {"temperature": 0.0, "max_tokens": args.max_tokens, "concurrency": mode}
 
-            def call(messages, options=options):
-                return litellm.completion(model="local/smollm2", messages=messages, **options).usage.completion_tokens
+                def call(messages, options=options):
+                    response = litellm.completion(model="local/smollm2", messages=messages, **options)
+                    return response.usage.completion_tokens
 
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(call, requests[:threads]))  # load the contexts this many callers use
-                start = time.perf_counter()
-                tokens = sum(pool.map(call, requests))
-                runs[(mode, threads)].append((time.perf_counter() - start, tokens))
+                with ThreadPoolExecutor(max_workers=threads) as pool:
+                    list(pool.map(call, requests[:threads]))  # load the contexts this many callers use
+                    with CpuWatch() as watch:
+                        tokens = sum(pool.map(call, requests))
+                if watch.others is None or watch.others <= args.max_others:
+                    break
+            runs[(mode, threads)].append({"seconds": watch.seconds, "tokens": tokens, "others": watch.others})
             settings = runtime.runtime_settings("smollm2", concurrency=mode)
             contexts[(mode, threads)] = (runtime.get_runtime(settings).loaded, settings.n_threads)
     results = {}
     rows = []
     for mode, threads in configs:
-        rates = sorted(len(requests) / seconds for seconds, _ in runs[(mode, threads)])
-        token_rates = sorted(tokens / seconds for seconds, tokens in runs[(mode, threads)])
+        measured = runs[(mode, threads)]
+        rates = sorted(len(requests) / run["seconds"] for run in measured)
+        token_rates = sorted(run["tokens"] / run["seconds"] for run in measured)
+        others = [run["others"] for run in measured if run["others"] is not None]
         loaded, per_context = contexts[(mode, threads)]
         results[f"{mode}/{threads}"] = {
             "calls_per_s": rates,
             "completion_tokens_per_s": token_rates,
+            "other_processes_cores": others,
             "contexts": loaded,
             "threads_per_context": per_context,
         }
@@ -229,6 +279,7 @@ def bench_threads(args: argparse.Namespace) -> dict:
                 f"{statistics.median(rates):.2f}",
                 f"{rates[-1]:.2f}",
                 f"{statistics.median(token_rates):.0f}",
+                f"{max(others):.2f}" if others else "n/a",
             ]
         )
     table(
@@ -242,6 +293,7 @@ def bench_threads(args: argparse.Namespace) -> dict:
             "calls/s median",
             "calls/s best",
             "tokens/s median",
+            "others (cores, max)",
         ],
         rows,
     )
@@ -285,6 +337,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parse-instructions", nargs="+", default=["", "Answer the question."])
     parser.add_argument("--thread-calls", type=int, default=16, help="calls per lock/pool measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the lock/pool measurements")
+    parser.add_argument(
+        "--max-others", type=float, default=0.2, help="repeat a lock/pool run if other processes used more cores"
+    )
+    parser.add_argument("--tries", type=int, default=5, help="attempts per lock/pool run before keeping a loaded one")
     parser.add_argument("--accuracy-examples", type=int, default=40)
     parser.add_argument("--instructions", nargs="+", default=list(INSTRUCTIONS))
     parser.add_argument("--threads", type=int, default=2, help="threads for the accuracy section")

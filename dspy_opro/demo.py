@@ -3,8 +3,7 @@
 Each problem is one short story with small whole numbers and one operation. The default kind is
 equal groups, e.g. "There are 4 tables with 7 chairs at each table. How many chairs are there in
 total?" (gold answer 28); `PROBLEM_KINDS` also has boxes (multiplication), addition and
-subtraction.
-`make_dataset` draws problems deterministically from a seed; `make_splits` draws disjoint
+subtraction. `make_dataset` draws problems deterministically from a seed; `make_splits` draws disjoint
 train/validation/test sets. The program is ``dspy.Predict("question -> answer")``; its
 instruction (the signature's instructions, sent as the system message by `SmallModelAdapter`)
 is what an instruction optimizer changes. `answer_metric` reads the number in the reply the way
@@ -14,9 +13,17 @@ with the gold answer.
 Why this task: on SmolLM2-135M-Instruct the instruction changes accuracy a lot, so an instruction
 optimizer has a real signal to climb. Accuracy on the same 40 problems
 (``make_dataset(40, seed=0)``, greedy decoding, max_tokens 48, `SmallModelAdapter`; measured with
-``python benchmarks/local_model.py --only accuracy``):
+``python benchmarks/local_model.py --only accuracy``)::
 
-MEASURED_TABLE
+     6/40  "Let's think step by step."
+     6/40  "Solve the math word problem."
+    11/40  "Math problem to solve."
+    14/40  "Answer with just the number."
+    16/40  ""  (DSPy's default instruction, see below)
+    17/40  "Answer the question."
+    17/40  "Compute the answer and write only the final number."
+    19/40  " "  (blank: no system message)
+    20/40  "Answer the question with the appropriate answer."
 
 A blank instruction leaves the system message out, so the model sees its own default system
 prompt; DSPy replaces an empty instruction with "Given the fields `question`, produce the fields
