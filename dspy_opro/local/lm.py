@@ -37,6 +37,18 @@ except ImportError:  # pragma: no cover - only on a DSPy without this module
         return contextlib.nullcontext()
 
 
+def _litellm() -> Any:
+    # Through DSPy's loader when it has one, so litellm gets DSPy's defaults (no telemetry, no
+    # litellm cache, no debug banners) exactly as for DSPy's own engines.
+    try:
+        from dspy.clients._litellm import get_litellm
+    except ImportError:  # pragma: no cover - only on a DSPy without this module
+        import litellm
+
+        return litellm
+    return get_litellm(feature="dspy_opro.local.TextCompletionEngine")
+
+
 _FINISH_REASONS = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 
 
@@ -121,8 +133,7 @@ class TextCompletionEngine:
         Returns:
             One response whose text is the continuation (stop strings excluded).
         """
-        import litellm
-
+        litellm = _litellm()
         register()  # a no-op once registered; covers a litellm imported before dspy_opro
         arguments = self._arguments(request)
         with _litellm_errors(model=request.model):
