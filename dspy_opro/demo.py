@@ -32,13 +32,16 @@ prompt; DSPy replaces an empty instruction with "Given the fields `question`, pr
 
 from __future__ import annotations
 
+import json
 import logging
 import random
-import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import dspy
+
+from dspy_opro.tasks.answers import numbers_equal
 
 logger = logging.getLogger(__name__)
 
@@ -164,35 +167,11 @@ def make_splits(
     return examples[:n_train], examples[n_train : n_train + n_val], examples[n_train + n_val :]
 
 
-_MARKERS = ("answer is", "answer:", "####")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def parse_number(text: Any) -> float | None:
-    """The number a reply gives as its answer, as the OPRO reference reads it.
-
-    The first number after the last answer marker ("answer is", "answer:", "####"), else the last
-    number in the text. Thousands separators, ``$`` and ``%`` are ignored.
-
-    Args:
-        text: The reply (any value; it is converted with ``str``).
-
-    Returns:
-        The number, or None if the text has none.
-    """
-    text = "" if text is None else str(text)
-    lowered = text.lower()
-    cut = max(lowered.rfind(marker) for marker in _MARKERS)
-    if cut >= 0:
-        after = _NUMBER.findall(text[cut:])
-        if after:
-            return float(after[0].replace(",", ""))
-    numbers = _NUMBER.findall(text)
-    return float(numbers[-1].replace(",", "")) if numbers else None
-
-
 def answer_metric(example: dspy.Example, prediction: Any, trace: Any = None) -> float:
     """1.0 when the predicted number equals the gold answer, else 0.0 (DSPy metric signature).
+
+    The number is read the way the OPRO reference reads it (`dspy_opro.tasks.extract_number`):
+    the first number after the last answer marker, else the last number in the reply.
 
     Args:
         example: An example from `make_dataset`.
@@ -203,9 +182,7 @@ def answer_metric(example: dspy.Example, prediction: Any, trace: Any = None) -> 
         1.0 or 0.0.
     """
     predicted = getattr(prediction, "answer", prediction)
-    value = parse_number(predicted)
-    gold = parse_number(example.answer)
-    return float(value is not None and gold is not None and abs(value - gold) < 1e-9)
+    return float(numbers_equal("" if predicted is None else str(predicted), example.answer))
 
 
 def make_program(instructions: str | None = None) -> dspy.Predict:
@@ -268,3 +245,137 @@ def evaluate_instruction(
     with dspy.context(lm=lm or task_lm(), adapter=adapter or SmallModelAdapter()):
         result = evaluate(make_program(instructions))
     return result.score / 100.0
+
+
+# --------------------------------------------------------------------------- the demo job
+DEMO_START = "Let's think step by step."
+
+
+def _task_setup(task_model: str) -> tuple[dspy.BaseLM, Any]:
+    """The task LM for a model string and the adapter to run it with (None: DSPy's default)."""
+    from dspy_opro.local import SmallModelAdapter
+    from dspy_opro.models import resolve_lm
+
+    if task_model.startswith("local/"):
+        return task_lm(model=task_model), SmallModelAdapter()
+    return resolve_lm(task_model, role="task_model").copy(**TASK_LM_SETTINGS), None
+
+
+def plot_trajectory(program: dspy.Module, path: str | Path, *, title: str = "OPRO on the demo task") -> None:
+    """Write a PNG of the training score per step: every candidate as a dot, the best as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for entry in program.trajectory:
+        scores = entry["candidate_scores"] or ([entry["best_score"]] if entry["step"] == 0 else [])
+        ax.scatter([entry["step"]] * len(scores), scores, s=18, alpha=0.5, color="#4c72b0")
+    ax.plot([e["step"] for e in program.trajectory], [e["best_score"] for e in program.trajectory], color="#dd8452")
+    ax.scatter([], [], s=18, color="#4c72b0", label="candidates")
+    ax.plot([], [], color="#dd8452", label="best so far")
+    ax.set_xlabel("step (0 = initial instruction)")
+    ax.set_ylabel("training accuracy (%)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(
+    *,
+    task_model: str = "local/smollm2",
+    prompt_model: str = "local/smollm2",
+    steps: int = 5,
+    n_train: int = 20,
+    n_val: int = 20,
+    n_test: int = 60,
+    seed: int = 0,
+    threads: int = 2,
+    screening: bool = True,
+    initial_instruction: str = DEMO_START,
+    out_dir: str | Path = "runs/demo",
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Optimize the demo program's instruction with OPRO and report train, validation and test scores.
+
+    Args:
+        task_model: Model string of the model that answers the problems.
+        prompt_model: Model string of the optimizer model (see `dspy_opro.models.optimizer_model`).
+        steps: OPRO steps.
+        n_train: Training problems (scored for every candidate).
+        n_val: Validation problems (choose among the best candidates).
+        n_test: Held-out test problems (reported only).
+        seed: Seeds the problems and the run.
+        threads: Threads for scoring and sampling.
+        screening: Score new candidates on growing minibatches (see `dspy_opro.screening`).
+        initial_instruction: The instruction OPRO starts from.
+        out_dir: Where the history (resumable), the trajectory JSON and the plot are written.
+        echo: Where the report lines go.
+
+    Returns:
+        The summary that is also written to ``out_dir/summary.json``.
+    """
+    from dspy_opro.models import optimizer_model
+    from dspy_opro.optimizer import OPRO
+
+    out = Path(out_dir)
+    train, val, test = make_splits(n_train, n_val, n_test, seed=seed)
+    lm, adapter = _task_setup(task_model)
+    prompt_lm, family = optimizer_model(prompt_model, max_tokens=64)
+    echo(f"Task model {task_model}, prompt model {prompt_model} ({family} meta-prompt).")
+    echo(f"{n_train} training, {n_val} validation and {n_test} test problems, e.g.: {train[0].question}")
+    with dspy.context(adapter=adapter):
+        optimized = OPRO(
+            answer_metric,
+            prompt_model=prompt_lm,
+            task_model=lm,
+            num_steps=steps,
+            meta_prompt=family,
+            initial_instructions=initial_instruction,
+            task_description=TASK_DESCRIPTION,
+            num_threads=threads,
+            seed=seed,
+            screening=screening,
+            log_dir=str(out / "history"),
+        ).compile(make_program(), trainset=train, valset=val)
+        final = optimized.signature.instructions
+        evaluate = dspy.Evaluate(devset=test, metric=answer_metric, num_threads=threads, display_progress=False)
+        with dspy.context(lm=lm):
+            test_scores = {text: float(evaluate(make_program(text)).score) for text in {initial_instruction, final}}
+    by_text = {c["instruction"]: c for c in optimized.candidate_programs if c["evaluated"] == n_train}
+    rows = []
+    for label, text in (("start", initial_instruction), ("OPRO", final)):
+        candidate = by_text.get(text, {})
+        rows.append((label, text, candidate.get("score"), candidate.get("val_score"), test_scores[text]))
+    summary = {
+        "task_model": task_model,
+        "prompt_model": prompt_model,
+        "meta_prompt": family,
+        "seed": seed,
+        "rows": [dict(zip(("which", "instruction", "train", "val", "test"), row, strict=True)) for row in rows],
+        "trajectory": optimized.trajectory,
+        "candidates": optimized.candidate_programs,
+        "call_counts": optimized.call_counts,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    plot_trajectory(optimized, out / "trajectory.png")
+
+    fmt = lambda v: "  -  " if v is None else f"{v:5.1f}"  # noqa: E731
+    echo("")
+    echo(f"| {'':5} | {'train %':>7} | {'val %':>6} | {'test %':>6} | instruction")
+    echo(f"|{'-' * 7}|{'-' * 9}|{'-' * 8}|{'-' * 8}|{'-' * 12}")
+    for label, text, tr, va, te in rows:
+        echo(f"| {label:5} | {fmt(tr):>7} | {fmt(va):>6} | {fmt(te):>6} | {text!r}")
+    counts = optimized.call_counts
+    echo("")
+    echo(
+        f"{counts['metric_calls']} metric calls, {counts['task_lm']['calls']} task-model and "
+        f"{counts['prompt_lm']['calls']} prompt-model calls; {len(optimized.candidate_programs)} instructions scored."
+    )
+    echo(f"Wrote {out / 'summary.json'}, {out / 'trajectory.png'} and the resumable history in {out / 'history'}.")
+    return summary

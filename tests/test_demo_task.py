@@ -59,25 +59,6 @@ def test_splits_are_disjoint():
     assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
 
 
-@pytest.mark.parametrize(
-    ("text", "number"),
-    [
-        ("There are 8 * 8 = 64 chairs in total.", 64.0),
-        ("The answer is 12. Then 3 more.", 12.0),
-        ("6 * 2 = 12\n#### 12\nThe answer is: 12 dollars", 12.0),
-        ("Answer: $1,200", 1200.0),
-        ("-3", -3.0),
-        ("I think it is 2.5 or 7", 7.0),
-        ("no numbers here", None),
-        ("", None),
-        (None, None),
-        (42, 42.0),
-    ],
-)
-def test_parse_number(text, number):
-    assert demo.parse_number(text) == number
-
-
 def test_answer_metric():
     example = dspy.Example(question="q", answer="64").with_inputs("question")
     assert demo.answer_metric(example, dspy.Prediction(answer="8 * 8 = 64 chairs.")) == 1.0

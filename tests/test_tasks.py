@@ -26,6 +26,12 @@ from dspy_opro.tasks import (
         ("the answer is 3/4", 0.75),
         ("no number here", None),
         ("", None),
+        (None, None),
+        (42, 42.0),
+        ("There are 8 * 8 = 64 chairs in total.", 64.0),
+        ("The answer is 12. Then 3 more.", 12.0),
+        ("6 * 2 = 12\n#### 12\nThe answer is: 12 dollars", 12.0),
+        ("I think it is 2.5 or 7", 7.0),
     ],
 )
 def test_extract_number(text, value):
