@@ -116,17 +116,6 @@ def plot(results: Results, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def load_local_model(lm: dspy.BaseLM) -> None:
-    """Load an embedded model with one short call before samples run in parallel threads.
-
-    llama-cpp-python silences output while it loads a model by swapping the process's stdout and
-    stderr file descriptors; two loads at once can leave both pointing at /dev/null, and the tables
-    below would never appear. One load up front means later contexts load one at a time.
-    """
-    if str(getattr(lm, "model", "")).startswith("local/"):
-        lm.copy(cache=False, max_tokens=1)("Hello")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -156,7 +145,6 @@ def main(argv: list[str] | None = None) -> None:
     lm, style = make_prompt_model(args.prompt_model, style=args.meta_prompt, max_tokens=512)
     if style == "base":
         lm = lm.copy(max_tokens=16)  # a continued line holds one pair: "15, 14]"
-    load_local_model(lm)
     print(f"Linear regression, (w, b) = ({args.w:g}, {args.b:g}), x = 1..50, noise N(0, 1)")
     print(f"OPRO with {args.prompt_model} ({style} meta-prompt), {args.proposals} proposals/step, ≤ {args.steps} steps")
 

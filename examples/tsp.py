@@ -22,8 +22,6 @@ import logging
 import time
 from pathlib import Path
 
-import dspy
-
 from dspy_opro.numeric import (
     OptimizationResult,
     TravelingSalesman,
@@ -82,17 +80,6 @@ def plot(problem: TravelingSalesman, tours: list[tuple[str, tuple[int, ...]]], r
     plt.close(fig)
 
 
-def load_local_model(lm: dspy.BaseLM) -> None:
-    """Load an embedded model with one short call before samples run in parallel threads.
-
-    llama-cpp-python silences output while it loads a model by swapping the process's stdout and
-    stderr file descriptors; two loads at once can leave both pointing at /dev/null, and the tables
-    below would never appear. One load up front means later contexts load one at a time.
-    """
-    if str(getattr(lm, "model", "")).startswith("local/"):
-        lm.copy(cache=False, max_tokens=1)("Hello")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -124,7 +111,6 @@ def main(argv: list[str] | None = None) -> None:
     lm, style = make_prompt_model(args.prompt_model, style=args.meta_prompt, max_tokens=1024)
     if style == "base":
         lm = lm.copy(max_tokens=4 * args.n + 8)  # one tour: about 2-3 tokens per point
-    load_local_model(lm)
     print(f"TSP, n = {problem.n} random points in [-100, 100]^2 (seed {args.seed})")
     print(
         f"OPRO with {args.prompt_model} ({style} meta-prompt), {args.proposals} valid proposals/step, ≤ {args.steps} steps"

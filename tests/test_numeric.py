@@ -581,9 +581,7 @@ def test_a_short_real_run_on_the_local_model():
     lm, style = make_prompt_model("local/smollm2", max_tokens=16)
     assert style == "base"
     problem = LinearRegression(seed=11)
-    # One thread: llama-cpp-python swaps the process's stdout/stderr while it loads a model, which two
-    # threads loading at once can leave redirected.
-    result = optimize(problem, prompt_model=lm.copy(cache=False), num_steps=2, num_threads=1, show_progress=False)
+    result = optimize(problem, prompt_model=lm.copy(cache=False), num_steps=2, num_threads=2, show_progress=False)
     counts = result.counts
     assert result.stop_reason in ("num_steps", "optimum")
     assert counts.errors == 0 and counts.lm.calls == counts.samples == 8 * result.steps_run
