@@ -80,7 +80,6 @@ class RunState:
     best_id: int | None = None
     best_traces: list[dict[str, dict[str, str]]] = field(default_factory=list)
     counts: Counts = field(default_factory=Counts)
-    finished: bool = False
     selection: dict[str, Any] | None = None
 
     @property
@@ -93,9 +92,7 @@ class RunState:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
-            "finished": self.finished,
             "best_id": self.best_id,
             "counts": self.counts.as_dict(),
             "selection": self.selection,
@@ -113,7 +110,6 @@ class RunState:
             best_id=data["best_id"],
             best_traces=data.get("best_traces", []),
             counts=Counts.from_dict(data.get("counts", {})),
-            finished=data.get("finished", False),
             selection=data.get("selection"),
         )
 
@@ -125,15 +121,22 @@ def digest(value: Any) -> str:
 
 
 class Checkpoint:
-    """The run history as one JSON file in ``log_dir``, replaced atomically after every step.
+    """A run history as one versioned JSON file in ``log_dir``, replaced atomically on every write.
 
     A crash at any moment leaves either the previous complete file or the new one, never a
-    partial file. Nothing is pickled; API keys never enter the state.
+    partial file. Nothing is pickled; API keys never enter the state. `load`/`save` read and
+    write the prompt optimizer's `RunState`; `read`/`write` move plain JSON data for other loops.
+
+    Args:
+        log_dir: The directory (created if needed).
+        name: The file name.
+        version: The format version written and required on reading.
     """
 
-    def __init__(self, log_dir: str | os.PathLike):
+    def __init__(self, log_dir: str | os.PathLike, *, name: str = CHECKPOINT_NAME, version: int = FORMAT_VERSION):
         self.dir = Path(log_dir)
-        self.path = self.dir / CHECKPOINT_NAME
+        self.path = self.dir / name
+        self.version = version
 
     def check_writable(self) -> None:
         """Fail early, before any LM call, if ``log_dir`` cannot be written."""
@@ -147,25 +150,27 @@ class Checkpoint:
                 "write to, or log_dir=None to run without a checkpoint"
             ) from exc
 
-    def load(self) -> RunState | None:
+    def read(self) -> dict[str, Any] | None:
+        """The saved data, or ``None`` if nothing was saved yet."""
         if not self.path.exists():
             return None
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ValueError(
-                f"cannot read the OPRO history in {str(self.path)!r}: {exc}. Move the file away to start a new run."
+                f"cannot read the history in {str(self.path)!r}: {exc}. Move the file away to start a new run."
             ) from exc
-        if data.get("format_version") != FORMAT_VERSION:
+        if data.get("format_version") != self.version:
             raise ValueError(
                 f"{str(self.path)!r} was written by an incompatible version (format "
-                f"{data.get('format_version')!r}, expected {FORMAT_VERSION}); use a new log_dir."
+                f"{data.get('format_version')!r}, expected {self.version}); use a new log_dir."
             )
-        return RunState.from_json(data)
+        return data
 
-    def save(self, state: RunState) -> None:
-        text = json.dumps(state.to_json(), ensure_ascii=False, indent=1)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".opro_history-", suffix=".tmp")
+    def write(self, data: dict[str, Any]) -> None:
+        """Replace the file with ``data`` (plus the format version), atomically and durably."""
+        text = json.dumps({**data, "format_version": self.version}, ensure_ascii=False, indent=1)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{self.path.stem}-", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
@@ -175,3 +180,10 @@ class Checkpoint:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def load(self) -> RunState | None:
+        data = self.read()
+        return None if data is None else RunState.from_json(data)
+
+    def save(self, state: RunState) -> None:
+        self.write(state.to_json())

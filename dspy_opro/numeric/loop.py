@@ -208,7 +208,6 @@ class _State:
             data["solution"] = None if proposal.solution is None else problem.to_json(proposal.solution)
             proposals.append(data)
         return {
-            "format_version": FORMAT_VERSION,
             "problem": problem.name,
             "fingerprint": self.fingerprint,
             "stop_reason": self.stop_reason,
@@ -231,47 +230,6 @@ class _State:
             counts=NumericCounts.from_dict(data.get("counts", {})),
             stop_reason=data.get("stop_reason"),
         )
-
-
-class _Bound:
-    """Adapts `_State` to `Checkpoint.save`, which writes ``state.to_json()``."""
-
-    def __init__(self, state: _State, problem: Problem):
-        self.state, self.problem = state, problem
-
-    def to_json(self) -> dict[str, Any]:
-        return self.state.to_json(self.problem)
-
-
-class NumericCheckpoint(Checkpoint):
-    """The numeric run's history as one JSON file in ``log_dir``, replaced atomically after each step.
-
-    Same guarantees as the prompt optimizer's `dspy_opro.history.Checkpoint` (whose writing
-    it reuses): a crash leaves the previous complete file or the new one, never a partial one.
-    """
-
-    def __init__(self, log_dir: str | os.PathLike):
-        super().__init__(log_dir)
-        self.path = self.dir / CHECKPOINT_NAME
-
-    def load_numeric(self, problem: Problem) -> _State | None:
-        if not self.path.exists():
-            return None
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(
-                f"cannot read the history in {str(self.path)!r}: {exc}. Move the file away to start a new run."
-            ) from exc
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{str(self.path)!r} was written by an incompatible version (format "
-                f"{data.get('format_version')!r}, expected {FORMAT_VERSION}); use a new log_dir."
-            )
-        return _State.from_json(data, problem)
-
-    def save_numeric(self, state: _State, problem: Problem) -> None:
-        self.save(_Bound(state, problem))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,7 +390,9 @@ class _Run:
             "problem": digest(problem.fingerprint()),
             "settings": digest({**settings.shaping_the_samples(), "prompt_model": lm_name(lm)}),
         }
-        self.checkpoint = NumericCheckpoint(log_dir) if log_dir is not None else None
+        self.checkpoint = (
+            Checkpoint(log_dir, name=CHECKPOINT_NAME, version=FORMAT_VERSION) if log_dir is not None else None
+        )
         if self.checkpoint is not None:
             self.checkpoint.check_writable()
         self.state = self._load_or_start()
@@ -445,7 +405,8 @@ class _Run:
     def _load_or_start(self) -> _State:
         if self.checkpoint is None:
             return _State(fingerprint=self.fingerprint)
-        state = self.checkpoint.load_numeric(self.problem)
+        data = self.checkpoint.read()
+        state = None if data is None else _State.from_json(data, self.problem)
         if state is None:
             return _State(fingerprint=self.fingerprint)
         differing = [key for key in self.fingerprint if state.fingerprint.get(key) != self.fingerprint[key]]
@@ -459,7 +420,7 @@ class _Run:
 
     def _save(self) -> None:
         if self.checkpoint is not None:
-            self.checkpoint.save_numeric(self.state, self.problem)
+            self.checkpoint.write(self.state.to_json(self.problem))
 
     # ------------------------------------------------------------------ bookkeeping
     def _history(self) -> list[Scored]:
