@@ -37,6 +37,7 @@ from .screening import example_order, screen
 logger = logging.getLogger(__name__)
 
 MIN_TRAINSET_SIZE = 3
+VALIDATION_SHARE = 4  # under a budget, validation takes at most 1/VALIDATION_SHARE of it
 _ALL_PREDICTORS = "*"  # the `predictor` of the initial configuration shared by all predictors
 _STOP_AFTER_FAILED_STEPS = 3
 
@@ -77,6 +78,8 @@ class OPRO(Teleprompter):
             ``dspy.settings.max_errors``.
         max_metric_calls: Hard budget on scored (candidate, example) pairs, validation
             included. The run stops cleanly before exceeding it and returns the best so far.
+            (Before the run the metric is also called once on a training example's own labels,
+            to reject a metric that does not return a number before any LM call is spent.)
         seed: Seeds exemplar draws and the sampling rollout ids; a rerun with the same seed
             and the DSPy cache on repeats the same run.
         log_dir: Directory for the JSON history, rewritten atomically after every step. A
@@ -84,7 +87,8 @@ class OPRO(Teleprompter):
         track_stats: Attach ``candidate_programs``, ``trial_logs``, ``trajectory``,
             ``call_counts`` and ``score`` to the returned program.
         num_final_candidates: How many of the best training candidates are re-scored on
-            ``valset`` to choose the result.
+            ``valset`` to choose the result. Under ``max_metric_calls``, validation takes at most
+            a quarter of the budget, so fewer finalists may be validated.
         max_instruction_length: Longer proposals are discarded (characters).
         instruction_filter: Optional ``filter(text) -> bool``; proposals for which it returns
             False are discarded (the reference drops digits on GSM8K, for example).
@@ -421,7 +425,7 @@ class _Run:
         n_train, opt = len(self.trainset), self.opt
         initial = sum(len(v) for v in self.initial.values()) - (len(self.names) - 1)
         per_step = opt.candidates_per_step * n_train
-        validation = min(opt.num_final_candidates, 1 + opt.num_steps * opt.candidates_per_step) * len(self.valset or [])
+        validation = min(self.num_finalists, 1 + opt.num_steps * opt.candidates_per_step) * len(self.valset or [])
         total = initial * n_train + opt.num_steps * per_step + validation
         logger.info(
             "OPRO plan: %d predictor(s), %d training and %d validation examples, %d threads. "
@@ -445,10 +449,16 @@ class _Run:
             len(self.names),
         )
 
+    @property
+    def num_finalists(self) -> int:
+        """Candidates validated at the end: ``num_final_candidates``, within a quarter of the budget."""
+        if self.valset is None or self.opt.max_metric_calls is None:
+            return self.opt.num_final_candidates
+        affordable = self.opt.max_metric_calls // VALIDATION_SHARE // len(self.valset)
+        return max(1, min(self.opt.num_final_candidates, affordable))
+
     def _validation_reserve(self) -> int:
-        if self.valset is None:
-            return 0
-        return self.opt.num_final_candidates * len(self.valset)
+        return 0 if self.valset is None else self.num_finalists * len(self.valset)
 
     def _loop_budget(self) -> float:
         """Metric calls still available to the optimization loop."""
@@ -663,7 +673,7 @@ class _Run:
             if key not in seen:
                 seen.add(key)
                 ranked.append(candidate)
-        finalists = ranked[: self.opt.num_final_candidates]
+        finalists = ranked[: self.num_finalists]
         todo = [c for c in finalists if c.val_score is None]
         if self.opt.max_metric_calls is not None:
             room = (self.opt.max_metric_calls - self.counts.metric_calls) // len(self.valset)

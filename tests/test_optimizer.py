@@ -438,3 +438,14 @@ def test_kill_9_loses_at_most_the_step_in_flight(tmp_path):
     )
     full = opro(**kwargs).compile(dspy.Predict("question -> answer"), trainset=make_trainset(8))
     assert candidates(resumed) == candidates(full)
+
+
+def test_validation_takes_at_most_a_quarter_of_the_budget():
+    train, val = make_trainset(10), make_trainset(10, offset=50)
+    program = opro(max_metric_calls=100, num_steps=10, num_final_candidates=5).compile(
+        dspy.Predict("question -> answer"), trainset=train, valset=val
+    )
+    validated = [c for c in program.candidate_programs if c["val_score"] is not None]
+    assert len(validated) == 2  # 100 // 4 // 10 finalists instead of 5
+    assert program.call_counts["metric_calls"] <= 100
+    assert len([c for c in program.candidate_programs if c["step"] > 0]) >= 5  # the rest went to the search
