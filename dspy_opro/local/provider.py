@@ -1,9 +1,10 @@
-"""The litellm provider ``local``: GGUF models served in-process by `runtime`.
+"""The litellm provider ``local``: GGUF models and Python generators served in-process by `runtime`.
 
 ``litellm.completion(model="local/smollm2", messages=...)`` applies the model's chat template;
 ``litellm.text_completion(model="local/smollm2", prompt=...)`` continues the prompt exactly as
-given. Importing this module imports litellm; `dspy_opro.local.register` does it only once litellm
-itself is imported.
+given. A name given to `runtime.register_generator` is routed to its Python function instead, for
+both kinds of call. Importing this module imports litellm; `dspy_opro.local.register` does it only
+once litellm itself is imported.
 """
 
 from __future__ import annotations
@@ -49,12 +50,14 @@ _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-def _warn_ignored(name: str) -> None:
+def _warn_ignored(name: str, reason: str | None = None) -> None:
     with _warned_lock:
         if name in _warned:
             return
         _warned.add(name)
-    logger.warning("The local provider ignores the parameter %r (it supports %s).", name, sorted(SAMPLING_PARAMS))
+    if reason is None:
+        reason = f"it supports {sorted(SAMPLING_PARAMS)}"
+    logger.warning("The local provider ignores the parameter %r (%s).", name, reason)
 
 
 def _split_params(optional_params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,7 +95,8 @@ def run(
     The status decides whether callers retry: a missing file or package (404/400) is final.
 
     Args:
-        model: The model part of the model string (after ``local/``).
+        model: The model part of the model string (after ``local/``): a GGUF name or path, or a
+            registered generator's name.
         messages: The chat messages, or for a text completion one message holding the prompt.
         optional_params: The call's parameters as litellm hands them to a custom provider.
         text: Continue the prompt as raw text instead of applying the chat template.
@@ -102,10 +106,19 @@ def run(
     """
     sampling, load = _split_params(optional_params)
     try:
+        if runtime.is_generator(model):
+            for key in load:
+                _warn_ignored(key, f"a Python generator ({model!r}) has no load settings")
+            if text:
+                return runtime.call_generator(model, prompt=_text_prompt(messages), **sampling)
+            return runtime.call_generator(model, messages=messages, **sampling)
         settings = runtime.runtime_settings(model, **load)
         if text:
             return runtime.generate(settings, prompt=_text_prompt(messages), **sampling)
         return runtime.generate(settings, messages=messages, **sampling)
+    except runtime.GeneratorError as exc:
+        # A generator that raises ValueError rejects this request (final); anything else is a server fault.
+        raise CustomLLMError(400 if isinstance(exc.__cause__, ValueError) else 500, str(exc)) from exc
     except runtime.ModelNotFoundError as exc:
         raise CustomLLMError(404, str(exc)) from exc
     except runtime.LlamaCppNotInstalledError as exc:
@@ -132,7 +145,7 @@ def _fill(model_response: ModelResponse, model: str, completion: runtime.Complet
 
 
 class LocalLLM(CustomLLM):
-    """litellm handler for ``local/<name>`` and ``local/<path>.gguf`` models."""
+    """litellm handler for ``local/<name>`` (GGUF models and Python generators) and ``local/<path>.gguf`` models."""
 
     def completion(
         self,
@@ -157,7 +170,7 @@ class LocalLLM(CustomLLM):
         return _fill(model_response, model, run(model, messages, optional_params, text=text))
 
     async def acompletion(self, *args: Any, **kwargs: Any) -> ModelResponse:
-        # llama.cpp blocks; run it in a worker thread so the event loop stays free.
+        # llama.cpp and generators block; run them in a worker thread so the event loop stays free.
         return await asyncio.to_thread(self.completion, *args, **kwargs)
 
     def streaming(self, *args: Any, **kwargs: Any) -> Iterator[GenericStreamingChunk]:

@@ -3,6 +3,10 @@
 This module knows nothing about litellm or DSPy; `provider.py` adapts it to litellm. Importing it
 is cheap: `llama_cpp` is imported on the first model load, never before.
 
+Besides GGUF files, any Python function that writes text can be served under a short name with
+`register_generator` (a PyTorch model, a rule-based baseline, a stub for tests); `call_generator`
+runs it with the same parameters, defaults and result type as `generate`. See `register_generator`.
+
 Thread safety. A llama.cpp context holds the KV cache and the sampler state of one generation at a
 time, so two threads must never use one context at once. Two strategies are offered:
 
@@ -39,9 +43,10 @@ import os
 import random
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -76,6 +81,13 @@ class LlamaCppNotInstalledError(LocalModelError, ImportError):
 
 class ContextWindowError(LocalModelError, ValueError):
     """The prompt plus the requested completion does not fit in the model's context window."""
+
+
+class GeneratorError(LocalModelError, RuntimeError):
+    """A registered generator raised, or returned something other than a string or a `Generation`.
+
+    The generator's own exception, if any, is the ``__cause__``.
+    """
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,6 +132,7 @@ def _find_smollm2() -> Path:
 
 
 _named_models: dict[str, Path | None] = {DEFAULT_MODEL: None}  # None: located on first use
+_generators: dict[str, _Generator] = {}  # one namespace with _named_models, under the same lock
 _names_lock = threading.Lock()
 
 
@@ -130,16 +143,22 @@ def register_model(name: str, path: str | os.PathLike[str]) -> None:
         name: The short name. It must not end in ``.gguf`` (that suffix marks a path).
         path: The GGUF file. It is checked when the model is first loaded, not here.
     """
-    if not name or "/" in name or name.lower().endswith(".gguf"):
-        raise ValueError(f"A model name must be non-empty, contain no '/' and not end in '.gguf': {name!r}")
+    _check_name(name)
     with _names_lock:
+        if name in _generators:
+            raise ValueError(f"{name!r} already names a Python generator; unregister_generator({name!r}) first.")
         _named_models[name] = Path(path).expanduser()
 
 
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name or name.lower().endswith(".gguf"):
+        raise ValueError(f"A model name must be non-empty, contain no '/' and not end in '.gguf': {name!r}")
+
+
 def model_names() -> list[str]:
-    """The short names known to the runtime (``smollm2`` and any registered with `register_model`)."""
+    """The short names known to the runtime: ``smollm2``, names from `register_model` and from `register_generator`."""
     with _names_lock:
-        return sorted(_named_models)
+        return sorted({*_named_models, *_generators})
 
 
 def resolve_model_path(model: str) -> Path:
@@ -171,6 +190,12 @@ def resolve_model_path(model: str) -> Path:
     with _names_lock:
         known = model in _named_models
         path = _named_models.get(model)
+        generator = model in _generators
+    if generator:
+        raise ModelNotFoundError(
+            f"{model!r} names a Python generator (register_generator), which has no GGUF file. Call it through "
+            f"litellm or dspy.LM('local/{model}', engine='litellm'); dspy_opro.local.local_lm needs check=False."
+        )
     if not known:
         raise ModelNotFoundError(
             f"Unknown local model name {model!r}; known names: {', '.join(model_names())}. "
@@ -452,6 +477,17 @@ class Completion:
         return self.prompt_tokens + self.completion_tokens
 
 
+def _check_call(messages: Any, prompt: Any, n: Any, temperature: Any, max_tokens: Any) -> None:
+    if (messages is None) == (prompt is None):
+        raise ValueError("Pass exactly one of messages= or prompt=")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if max_tokens is not None and int(max_tokens) < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens!r}")
+    if temperature is not None and float(temperature) < 0:
+        raise ValueError(f"temperature must be at least 0, got {temperature!r}")
+
+
 def generate(
     settings: RuntimeSettings,
     *,
@@ -482,14 +518,7 @@ def generate(
     Returns:
         The choices and token usage.
     """
-    if (messages is None) == (prompt is None):
-        raise ValueError("Pass exactly one of messages= or prompt=")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if max_tokens is not None and int(max_tokens) < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens!r}")
-    if temperature is not None and float(temperature) < 0:
-        raise ValueError(f"temperature must be at least 0, got {temperature!r}")
+    _check_call(messages, prompt, n, temperature, max_tokens)
     options = {
         **SAMPLING_DEFAULTS,
         **sampling,
@@ -523,4 +552,293 @@ def generate(
                 result.prompt_tokens = usage["prompt_tokens"]
             result.completion_tokens += usage["completion_tokens"]
             result.choices.append(Choice(text, raw["choices"][0]["finish_reason"] or "stop"))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Python generators
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion asked of a registered generator (see `register_generator`).
+
+    Exactly one of ``messages`` and ``prompt`` is set. Sampling values are resolved: a call that did
+    not give ``temperature`` or ``max_tokens`` gets the same defaults as a GGUF model.
+
+    Attributes:
+        messages: The chat messages, each ``{"role": ..., "content": <text>}``, for a chat completion.
+        prompt: The text to continue, for a text completion.
+        temperature: 0 asks for greedy decoding; 1.0 when the call did not say.
+        max_tokens: Most tokens to write, counted in the generator's own units; 256 when the call did not say.
+        stop: Strings that end the completion. The provider cuts the returned text at the first of them
+            anyway, so a generator honours them only to save work.
+        seed: This choice's seed: the call's ``seed`` plus `index`, or None (sample afresh).
+        index: Which of the call's ``n`` choices this is, from 0.
+        options: The call's other sampling parameters (``top_p``, ``top_k``, ...), read-only.
+    """
+
+    messages: tuple[dict[str, str], ...] | None
+    prompt: str | None
+    temperature: float
+    max_tokens: int
+    stop: tuple[str, ...]
+    seed: int | None = None
+    index: int = 0
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def system(self) -> str:
+        """The text of the system messages joined by newlines; ``""`` when there is none."""
+        return "\n".join(m["content"] for m in self.messages or () if m["role"] == "system")
+
+    @property
+    def user(self) -> str:
+        """The text of the last user message, or the prompt of a text completion."""
+        if self.prompt is not None:
+            return self.prompt
+        return next((m["content"] for m in reversed(self.messages or ()) if m["role"] == "user"), "")
+
+    @property
+    def text(self) -> str:
+        """The whole input as one text: the prompt, or the contents of all messages joined by blank lines."""
+        if self.prompt is not None:
+            return self.prompt
+        return "\n\n".join(m["content"] for m in self.messages or ())
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A generator's reply with its own token counts; a generator may return a plain string instead.
+
+    Attributes:
+        text: The completion.
+        prompt_tokens: Tokens of the input; None: counted with the registration's ``count_tokens``.
+        completion_tokens: Tokens written; None: counted likewise.
+        finish_reason: ``"stop"`` (finished) or ``"length"`` (``max_tokens`` reached); None means ``"stop"``.
+    """
+
+    text: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+
+
+GeneratorFn = Callable[[GenerationRequest], "str | Generation"]
+
+
+def count_words(text: str) -> int:
+    """Whitespace-separated words: the default token count of generators that do not report their own."""
+    return len(text.split())
+
+
+@dataclass(frozen=True)
+class _Generator:
+    fn: GeneratorFn
+    count_tokens: Callable[[str], int]
+    slots: threading.BoundedSemaphore | None
+
+    def slot(self) -> contextlib.AbstractContextManager[Any]:
+        return self.slots if self.slots is not None else contextlib.nullcontext()
+
+
+def register_generator(
+    name: str,
+    fn: GeneratorFn,
+    *,
+    max_concurrency: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+) -> None:
+    """Serve a Python function as the model ``local/<name>`` (chat and text completions).
+
+    ``fn(request)`` receives a `GenerationRequest` (the chat messages or the raw prompt, and the
+    sampling parameters) and returns the completion as a string, or as a `Generation` to report its
+    own token counts and finish reason. A call with ``n > 1`` calls ``fn`` ``n`` times, choice ``i``
+    with seed ``seed + i``. The provider cuts the text at the first stop string and fills ``usage``.
+
+    A ``ValueError`` raised by ``fn`` rejects the request (litellm's ``BadRequestError``, not
+    retried); any other exception is a server error (litellm's ``InternalServerError``). Both carry
+    the generator's name and message.
+
+    Registering a name again replaces its generator. Names share one namespace with `register_model`.
+
+    Args:
+        name: The short name: non-empty, no ``/``, not ending in ``.gguf``, not a GGUF model's name.
+        fn: The generator. It is called from the caller's thread, so from several threads at once when
+            DSPy evaluates in parallel, unless ``max_concurrency`` says otherwise.
+        max_concurrency: Most calls of ``fn`` running at once (1 serialises them); None: no limit.
+        count_tokens: Counts the tokens of a text for ``usage`` when ``fn`` returns a string or leaves a
+            count out; default `count_words`.
+
+    Example:
+        >>> register_generator("shout", lambda request: request.user.upper())
+        >>> litellm.completion(model="local/shout", messages=[{"role": "user", "content": "hi"}])
+    """
+    _check_name(name)
+    if not callable(fn):
+        raise TypeError(f"A generator must be callable as fn(request), got {type(fn).__name__}")
+    if max_concurrency is not None and (
+        isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
+    ):
+        raise ValueError(f"max_concurrency must be a positive integer or None, got {max_concurrency!r}")
+    if count_tokens is not None and not callable(count_tokens):
+        raise TypeError(f"count_tokens must be callable as count_tokens(text), got {type(count_tokens).__name__}")
+    entry = _Generator(
+        fn=fn,
+        count_tokens=count_tokens or count_words,
+        slots=None if max_concurrency is None else threading.BoundedSemaphore(max_concurrency),
+    )
+    with _names_lock:
+        if name in _named_models:
+            raise ValueError(f"{name!r} already names a GGUF model; choose another name for the generator.")
+        _generators[name] = entry
+
+
+def unregister_generator(name: str) -> bool:
+    """Forget the generator ``name``; calls in flight finish normally.
+
+    Args:
+        name: A name given to `register_generator`.
+
+    Returns:
+        Whether such a generator was registered.
+    """
+    with _names_lock:
+        return _generators.pop(name, None) is not None
+
+
+def generator_names() -> list[str]:
+    """The names given to `register_generator`, sorted."""
+    with _names_lock:
+        return sorted(_generators)
+
+
+def is_generator(name: str) -> bool:
+    """Whether ``local/<name>`` is served by a registered Python generator."""
+    with _names_lock:
+        return name in _generators
+
+
+def _text_messages(messages: Sequence[Any]) -> tuple[dict[str, str], ...]:
+    # Copies, so that a generator cannot change the caller's messages; OpenAI-style content parts
+    # are flattened to their text.
+    result = []
+    for message in messages:
+        if not isinstance(message, Mapping) or "role" not in message:
+            raise ValueError(f"A chat message must be a mapping with a 'role', got {message!r}")
+        content = message.get("content")
+        if content is None:
+            text = ""
+        elif isinstance(content, str):
+            text = content
+        elif isinstance(content, Sequence) and all(
+            isinstance(part, Mapping) and part.get("type") == "text" for part in content
+        ):
+            text = "".join(str(part.get("text", "")) for part in content)
+        else:
+            raise ValueError(f"A generator takes text messages only; a {message['role']} message holds {content!r}")
+        result.append({"role": str(message["role"]), "content": text})
+    return tuple(result)
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    ends = [text.find(stop) for stop in stops]
+    ends = [end for end in ends if end >= 0]
+    if not ends:
+        return text, False
+    return text[: min(ends)], True
+
+
+def _read_reply(name: str, reply: Any) -> Generation:
+    if isinstance(reply, str):
+        return Generation(reply)
+    if not isinstance(reply, Generation) or not isinstance(reply.text, str):
+        raise GeneratorError(
+            f"The generator {name!r} returned {type(reply).__name__}; it must return a str or a "
+            "dspy_opro.local.Generation whose text is a str."
+        )
+    for key in ("prompt_tokens", "completion_tokens"):
+        value = getattr(reply, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise GeneratorError(f"The generator {name!r} returned {key}={value!r}; expected a count >= 0 or None.")
+    if reply.finish_reason not in (None, "stop", "length"):
+        raise GeneratorError(
+            f"The generator {name!r} returned finish_reason={reply.finish_reason!r}; expected 'stop', 'length' or None."
+        )
+    return reply
+
+
+def call_generator(
+    name: str,
+    *,
+    messages: Sequence[dict[str, Any]] | None = None,
+    prompt: str | None = None,
+    n: int = 1,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    seed: int | None = None,
+    **options: Any,
+) -> Completion:
+    """Run the generator ``name`` ``n`` times on a chat (``messages``) or a raw text (``prompt``).
+
+    Args:
+        name: A name given to `register_generator`.
+        messages: OpenAI-style chat messages with text content; exclusive with ``prompt``.
+        prompt: Text to continue; exclusive with ``messages``.
+        n: Number of completions, one call of the generator each.
+        temperature: Passed on; default 1.0.
+        max_tokens: Passed on; default 256.
+        stop: Strings that end a completion; the text is cut before the first one found.
+        seed: Choice ``i`` gets ``seed + i``; None passes None.
+        **options: Other sampling parameters, passed on read-only.
+
+    Returns:
+        The choices and their token usage (the prompt counted once).
+
+    Raises:
+        ModelNotFoundError: No generator has this name.
+        ValueError: Bad arguments.
+        GeneratorError: The generator raised (its exception is the cause) or returned a wrong value.
+    """
+    with _names_lock:
+        entry = _generators.get(name)
+    if entry is None:
+        raise ModelNotFoundError(
+            f"No generator named {name!r}; registered generators: {', '.join(generator_names()) or 'none'}."
+        )
+    _check_call(messages, prompt, n, temperature, max_tokens)
+    chat = None if messages is None else _text_messages(messages)
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    stops = tuple(s for s in ([stop] if isinstance(stop, str) else list(stop or [])) if s)
+    frozen_options = MappingProxyType(dict(options))
+    result = Completion()
+    for index in range(n):
+        request = GenerationRequest(
+            messages=chat,
+            prompt=prompt,
+            temperature=DEFAULT_TEMPERATURE if temperature is None else float(temperature),
+            max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else int(max_tokens),
+            stop=stops,
+            seed=None if seed is None else int(seed) + index,
+            index=index,
+            options=frozen_options,
+        )
+        try:
+            with entry.slot():
+                raw = entry.fn(request)
+        except Exception as exc:
+            raise GeneratorError(f"The generator {name!r} failed: {type(exc).__name__}: {exc}") from exc
+        reply = _read_reply(name, raw)
+        text, stopped = _cut_at_stop(reply.text, stops)
+        if index == 0:
+            result.prompt_tokens = (
+                reply.prompt_tokens if reply.prompt_tokens is not None else entry.count_tokens(request.text)
+            )
+        # A generator's own count stands even when a stop string cut the text: it wrote those tokens.
+        result.completion_tokens += (
+            reply.completion_tokens if reply.completion_tokens is not None else entry.count_tokens(text)
+        )
+        result.choices.append(Choice(text, "stop" if stopped else reply.finish_reason or "stop"))
     return result
