@@ -268,17 +268,11 @@ def plot_trajectory(program: dspy.Module, path: str | Path, *, title: str = "OPR
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dspy_opro.plots import draw_trajectory
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    for entry in program.trajectory:
-        scores = entry["candidate_scores"] or ([entry["best_score"]] if entry["step"] == 0 else [])
-        ax.scatter([entry["step"]] * len(scores), scores, s=18, alpha=0.5, color="#4c72b0")
-    ax.plot([e["step"] for e in program.trajectory], [e["best_score"] for e in program.trajectory], color="#dd8452")
-    ax.scatter([], [], s=18, color="#4c72b0", label="candidates")
-    ax.plot([], [], color="#dd8452", label="best so far")
-    ax.set_xlabel("step (0 = initial instruction)")
-    ax.set_ylabel("training accuracy (%)")
+    draw_trajectory(ax, program.trajectory)
     ax.set_title(title)
-    ax.legend(loc="lower right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
