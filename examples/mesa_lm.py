@@ -32,6 +32,7 @@ import argparse
 import logging
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,12 @@ import torch
 from torch import nn
 
 from mesa_module import MesaLM, MesaLMConfig
+
+# The helpers shared with mesa_lm_with_opro.py live next to this script; its folder is on the import path when it
+# runs as a script, not when it is loaded from a file path (as the tests do).
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mesa_training import learning_rate_factor, make_optimizer  # noqa: E402
 
 logger = logging.getLogger("mesa_lm")
 
@@ -181,27 +188,6 @@ class RunResult:
     model: MesaLM = field(repr=False)
 
 
-def make_optimizer(model: nn.Module, settings: Settings) -> torch.optim.AdamW:
-    """AdamW; matrices decay, while norms, biases and parameters that ask not to (the mesa regulariser) do not."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        exempt = param.dim() < 2 or getattr(param, "_no_weight_decay", False)
-        (no_decay if exempt else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": settings.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95))
-
-
-def learning_rate_factor(step: int, settings: Settings) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak at the last step."""
-    if step < settings.warmup:
-        return (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 @torch.no_grad()
 def evaluate(model: MesaLM, windows: tuple[torch.Tensor, torch.Tensor]) -> float:
     model.eval()
@@ -214,8 +200,10 @@ def train_stack(stack: str, config: MesaLMConfig, splits: Splits, settings: Sett
     """Trains one stack; the seed fixes both the initialisation and the batch order, identically for every stack."""
     torch.manual_seed(settings.seed)
     model = MesaLM(config)
-    optimizer = make_optimizer(model, settings)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings))
+    optimizer = make_optimizer(model, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, warmup=settings.warmup, steps=settings.steps)
+    )
     batches = torch.Generator().manual_seed(settings.seed)
     val = validation_windows(splits.val, settings.eval_windows, settings.seq_len)
 
