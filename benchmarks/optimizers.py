@@ -12,6 +12,12 @@ so the metric calls they really made are measured and printed beside OPRO's. ``o
 (OPRO with minibatch screening) gets only ``--screening-budget`` (default half) of the budget:
 the question is whether it reaches the same held-out accuracy with at least 2x fewer calls.
 
+Each optimizer gets the prompt model in the form it works best with: OPRO as chosen by
+`dspy_opro.models.optimizer_model` (for a local model, raw text completion and the "base"
+meta-prompt family); COPRO and MIPROv2, which prompt through DSPy's adapters, as a chat LM. With
+a local task model every program (and COPRO's and MIPROv2's own prompts) runs through
+`SmallModelAdapter`, since DSPy's ChatAdapter fails to parse most of a 135M model's replies.
+
     python benchmarks/optimizers.py --task demo --seeds 0 1 2
     python benchmarks/optimizers.py --task bbh:boolean_expressions --data-dir ../shared/data/bbh
     python benchmarks/optimizers.py --task gsm8k --data-dir ../shared/data/gsm8k --task-model openai/gpt-4o-mini
@@ -137,7 +143,10 @@ def evaluate(program, examples, metric, threads: int) -> float:
     return float(evaluator(program).score)
 
 
-def run_one(name: str, task: Task, seed: int, args, task_lm, prompt_lm, family: str) -> Result:
+def run_one(name: str, task: Task, seed: int, args, task_lm, prompt_lm, family: str, chat_lm) -> Result:
+    """One optimizer on one seed. OPRO gets the prompt model in its meta-prompt family's form (``prompt_lm``);
+    COPRO and MIPROv2, which prompt through DSPy's adapters, get the same model as a chat LM (``chat_lm``).
+    """
     meter = Meter()
     metric = meter.wrap(task.metric)
     student = dspy.Predict(task.signature)
@@ -163,7 +172,7 @@ def run_one(name: str, task: Task, seed: int, args, task_lm, prompt_lm, family: 
             ).compile(student, trainset=task.train, valset=task.val)
         elif name == "copro":
             depth = max(1, budget // (8 * n_train) - 1)
-            program = dspy.COPRO(metric=metric, prompt_model=prompt_lm, breadth=8, depth=depth).compile(
+            program = dspy.COPRO(metric=metric, prompt_model=chat_lm, breadth=8, depth=depth).compile(
                 student, trainset=task.train, eval_kwargs={"num_threads": threads, "display_progress": False}
             )
         elif name == "mipro":
@@ -171,7 +180,7 @@ def run_one(name: str, task: Task, seed: int, args, task_lm, prompt_lm, family: 
             trials = max(2, (budget - 2 * len(task.val)) // (minibatch + len(task.val) // 10 + 1))
             optimizer = dspy.MIPROv2(
                 metric=metric,
-                prompt_model=prompt_lm,
+                prompt_model=chat_lm,
                 task_model=task_lm,
                 auto=None,
                 num_candidates=8,
@@ -271,7 +280,8 @@ def main() -> None:
     parser.add_argument("--cache", action="store_true", help="use DSPy's cache (wall times then mean little)")
     parser.add_argument("--out", default="runs/optimizers.png")
     args = parser.parse_args()
-    logging.getLogger("dspy").setLevel(logging.WARNING)
+    # DSPy warns at every truncated answer, which a small task model gives often; the table is what matters here.
+    logging.getLogger("dspy").setLevel(logging.ERROR)
 
     task_lm = resolve_lm(args.task_model, role="task_model")
     if task_lm.model.startswith("local/"):
@@ -283,7 +293,13 @@ def main() -> None:
     task_lm = task_lm.copy(cache=args.cache)
     prompt_lm, family = optimizer_model(args.prompt_model)
     prompt_lm = prompt_lm.copy(cache=args.cache)
-    task_lm._benchmark_role, prompt_lm._benchmark_role = "task", "prompt"
+    if args.prompt_model.startswith("local/"):
+        from dspy_opro.local import local_lm
+
+        chat_lm = local_lm(args.prompt_model, temperature=1.0, max_tokens=256, cache=args.cache)
+    else:
+        chat_lm = resolve_lm(args.prompt_model, role="prompt_model").copy(cache=args.cache)
+    task_lm._benchmark_role, prompt_lm._benchmark_role, chat_lm._benchmark_role = "task", "prompt", "prompt"
 
     results = []
     for seed in args.seeds:
@@ -291,7 +307,7 @@ def main() -> None:
             args.task, seed=seed, n_train=args.train, n_val=args.val, n_test=args.test, data_dir=args.data_dir
         )
         for name in args.optimizers:
-            result = run_one(name, task, seed, args, task_lm, prompt_lm, family)
+            result = run_one(name, task, seed, args, task_lm, prompt_lm, family, chat_lm)
             results.append(result)
             print(
                 f"seed {seed} {name}: test {result.test:.1f}% metric calls {result.metric_calls} "
