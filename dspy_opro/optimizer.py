@@ -87,8 +87,10 @@ class OPRO(Teleprompter):
         track_stats: Attach ``candidate_programs``, ``trial_logs``, ``trajectory``,
             ``call_counts`` and ``score`` to the returned program.
         num_final_candidates: How many of the best training candidates are re-scored on
-            ``valset`` to choose the result. Under ``max_metric_calls``, validation takes at most
-            a quarter of the budget, so fewer finalists may be validated.
+            ``valset`` to choose the result; one of the places goes to the best starting
+            instruction when it is not among them, so the result never validates worse than the
+            start. Under ``max_metric_calls``, validation takes at most a quarter of the budget,
+            so fewer finalists may be validated.
         max_instruction_length: Longer proposals are discarded (characters).
         instruction_filter: Optional ``filter(text) -> bool``; proposals for which it returns
             False are discarded (the reference drops digits on GSM8K, for example).
@@ -186,8 +188,8 @@ class OPRO(Teleprompter):
             trainset: Examples (with inputs marked by ``with_inputs``) that candidates are
                 scored on.
             valset: Optional held-out examples. When given, the ``num_final_candidates`` best
-                candidates by training score are re-scored on it and the best there is
-                returned. Without it the best training score wins; training scores tend to
+                candidates by training score, and the best starting instruction, are re-scored
+                on it and the best there is returned. Without it the best training score wins; training scores tend to
                 overstate held-out accuracy (by 5-20 points in the OPRO paper), so pass a
                 valset when you can. No split of ``trainset`` is ever made silently.
 
@@ -674,6 +676,11 @@ class _Run:
                 seen.add(key)
                 ranked.append(candidate)
         finalists = ranked[: self.num_finalists]
+        # The best starting configuration is always validated when there are two or more places: the result
+        # is then never a program that does worse on validation than the one the run started from.
+        start = next((c for c in ranked if c.step == 0), None)
+        if start is not None and start not in finalists and len(finalists) >= 2:
+            finalists = finalists[:-1] + [start]
         todo = [c for c in finalists if c.val_score is None]
         if self.opt.max_metric_calls is not None:
             room = (self.opt.max_metric_calls - self.counts.metric_calls) // len(self.valset)

@@ -1,5 +1,6 @@
 import json
 import logging
+import threading
 
 import dspy
 import pytest
@@ -170,6 +171,34 @@ def test_valset_chooses_among_the_top_candidates():
     assert chosen["val_score"] == 100.0 and "only" in chosen["instruction"].lower()
     validated = [c for c in program.candidate_programs if c["val_score"] is not None]
     assert len(validated) == 8 and program.score == 100.0
+
+
+def test_the_start_is_always_validated_and_kept_when_nothing_beats_it_there():
+    # Training questions have even A (they need "number"), validation questions odd A (they need "only").
+    # The start, "Answer only.", scores 0 on training and 100 on validation; every proposal says "number"
+    # but not "only": 100 on training, 0 on validation. With three finalist places the proposals fill the
+    # top of the training ranking, yet one place goes to the start, which then wins on validation.
+    train = [e for e in make_trainset(20) if int(e.question.split()[2]) % 2 == 0]
+    val = [e for e in make_trainset(12, offset=100) if int(e.question.split()[2]) % 2 == 1]
+    words = iter(["now", "please", "clearly", "exactly", "briefly", "carefully", "today", "again"])
+    lock = threading.Lock()
+
+    def propose(call):
+        with lock:
+            return f"<INS>Give the number {next(words)}.</INS>"
+
+    program = opro(
+        prompt_model=scripted_lm(propose, model="scripted/optimizer"),
+        num_steps=1,
+        num_final_candidates=3,
+        initial_instructions="Answer only.",
+    ).compile(dspy.Predict("question -> answer"), trainset=train, valset=val)
+    chosen = program.candidate_programs[0]
+    assert chosen["instruction"] == "Answer only." and chosen["val_score"] == 100.0
+    validated = sorted(
+        (c["step"], c["score"], c["val_score"]) for c in program.candidate_programs if c["val_score"] is not None
+    )
+    assert validated == [(0, 0.0, 100.0), (1, 100.0, 0.0), (1, 100.0, 0.0)]
 
 
 def test_resume_after_interruption_gives_the_same_history(tmp_path):
