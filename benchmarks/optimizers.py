@@ -171,7 +171,8 @@ def run_one(name: str, task: Task, seed: int, args, task_lm, prompt_lm, family: 
                 show_progress=False,
             ).compile(student, trainset=task.train, valset=task.val)
         elif name == "copro":
-            depth = max(1, budget // (8 * n_train) - 1)
+            # COPRO re-scores every candidate at every depth: breadth x D(D+1)/2 programs for depth D.
+            depth = max([1] + [d for d in range(1, 50) if 8 * n_train * d * (d + 1) // 2 <= budget])
             program = dspy.COPRO(metric=metric, prompt_model=chat_lm, breadth=8, depth=depth).compile(
                 student, trainset=task.train, eval_kwargs={"num_threads": threads, "display_progress": False}
             )
