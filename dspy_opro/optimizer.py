@@ -32,7 +32,7 @@ from .history import Candidate, Checkpoint, RunState, StepRecord, digest
 from .meta_prompt import BASE_STOP, FAMILIES, Exemplar, extract_instruction, render_meta_prompt
 from .models import CallCounter, lm_name, resolve_lm, sample_replies
 from .scoring import Evaluation, MetricError, Scorer, as_score
-from .screening import example_order, screen
+from .screening import example_order, first_batch_size, screen
 
 logger = logging.getLogger(__name__)
 
@@ -485,7 +485,9 @@ class _Run:
             predictor.signature = predictor.signature.with_instructions(instructions[name])
         return program
 
-    def _score(self, configs: list[dict[str, str]], *, screened: bool = False) -> list[Evaluation]:
+    def _score(
+        self, configs: list[dict[str, str]], *, screened: bool = False, max_calls: int | None = None
+    ) -> list[Evaluation]:
         programs = [self._program(config) for config in configs]
         if not screened:
             return self.scorer.evaluate(programs, self.trainset, capture_traces=True)
@@ -495,6 +497,7 @@ class _Run:
             self.trainset,
             threshold=self.state.best.score / 100,
             order=example_order(len(self.trainset), self.opt.seed),
+            max_calls=max_calls,
         )
 
     def _add(self, step: int, predictor: str, config: dict[str, str], evaluation: Evaluation) -> Candidate:
@@ -638,14 +641,17 @@ class _Run:
         proposals = self._propose(step, index, replies)
 
         budget = self._loop_budget()
-        affordable = len(proposals) if budget == float("inf") else int(budget // len(self.trainset))
+        # A screened candidate may cost only the first minibatch; `screen` then keeps within the budget.
+        cost = first_batch_size(len(self.trainset)) if self.opt.screening else len(self.trainset)
+        affordable = len(proposals) if budget == float("inf") else int(budget // cost)
         if affordable < len(proposals):
             proposals = proposals[:affordable]
             self.budget_exhausted = True
             logger.info("max_metric_calls reached: scoring %d candidate(s) at step %d, then stopping", affordable, step)
         base = self.state.best.instructions
         configs = [{**base, name: proposal} for proposal in proposals]
-        evaluations = self._score(configs, screened=self.opt.screening) if configs else []
+        max_calls = None if budget == float("inf") else int(budget)
+        evaluations = self._score(configs, screened=self.opt.screening, max_calls=max_calls) if configs else []
         new = [self._add(step, name, config, ev) for config, ev in zip(configs, evaluations, strict=True)]
         best = self.state.best
         self.state.steps.append(

@@ -67,6 +67,7 @@ def screen(
     order: Sequence[int],
     z: float = DEFAULT_Z,
     first_batch: int | None = None,
+    max_calls: int | None = None,
 ) -> list[Evaluation]:
     """Score ``programs`` with early stopping (see the module docstring).
 
@@ -78,6 +79,9 @@ def screen(
         order: A permutation of the example indices.
         z: Width of the confidence bound in standard errors; larger drops fewer candidates.
         first_batch: Size of the first round; `first_batch_size` by default.
+        max_calls: Most (program, example) runs to spend. A round that would exceed it goes on
+            with the candidates that lead so far, as many as fit; the others keep their partial
+            scores (``evaluated`` below the set size), and screening ends when nothing fits.
 
     Returns:
         One `Evaluation` per program; ``scores[j]`` is ``None`` for examples it was not run on.
@@ -85,9 +89,16 @@ def screen(
     n = len(examples)
     results = [Evaluation(scores=[None] * n, traces=[{} for _ in range(n)]) for _ in programs]
     alive = list(range(len(programs)))
-    start = 0
+    start, left = 0, max_calls
     for end in batch_ends(n, first_batch or first_batch_size(n)):
         chunk = list(order[start:end])
+        if left is not None:
+            fit = left // len(chunk)
+            if fit < len(alive):  # leaders first; ties keep the proposal order
+                alive = sorted(sorted(alive, key=lambda i: -results[i].score)[:fit])
+            left -= len(alive) * len(chunk)
+        if not alive:
+            break
         evaluations = scorer.evaluate([programs[i] for i in alive], [examples[j] for j in chunk], capture_traces=True)
         for i, evaluation in zip(alive, evaluations, strict=True):
             result = results[i]

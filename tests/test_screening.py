@@ -3,7 +3,7 @@ import pytest
 from opro_scripted import make_trainset, metric, task_lm
 
 from dspy_opro import OPRO
-from dspy_opro.screening import batch_ends, example_order, first_batch_size, wilson_upper
+from dspy_opro.screening import batch_ends, example_order, first_batch_size, screen, wilson_upper
 from dspy_opro.testing import scripted_lm
 
 
@@ -31,7 +31,7 @@ def one_good_among_bad(call):
     return "<INS>Answer with the number only.</INS>" if k == 7 else f"<INS>Respond in style {k}.</INS>"
 
 
-def run(screening):
+def run(screening, **kwargs):
     one_good_among_bad.counts = {}
     return OPRO(
         metric,
@@ -42,6 +42,7 @@ def run(screening):
         initial_instructions="Give the number.",  # scores 50
         screening=screening,
         show_progress=False,
+        **kwargs,
     ).compile(dspy.Predict("question -> answer"), trainset=make_trainset(64))
 
 
@@ -63,3 +64,42 @@ def test_screened_out_candidates_are_never_chosen():
     best = screened.candidate_programs[0]
     assert best["evaluated"] == 64
     assert all(c["evaluated"] == 64 for c in screened.candidate_programs if c["score"] >= best["score"])
+
+
+def test_under_a_budget_screening_starts_candidates_it_could_not_afford_to_score_in_full():
+    # 64 calls for the start leave 128 of a 192-call budget: full scoring affords 2 of the 8 proposals
+    # (the good one, the 8th, is never scored); screening starts all 8 on 8 examples each (64 calls),
+    # then continues only the leader within the 64 calls left.
+    full = run(False, max_metric_calls=192)
+    screened = run(True, max_metric_calls=192)
+    assert full.call_counts["metric_calls"] == 192 and full.score == 50.0
+    assert screened.call_counts["metric_calls"] <= 192
+    assert screened.predictors()[0].signature.instructions == "Answer with the number only."
+    assert screened.score == 100.0
+    evaluated = sorted(c["evaluated"] for c in screened.candidate_programs if c["step"] == 1)
+    assert evaluated == [8] * 7 + [64]
+
+
+class CountingScorer:
+    """Programs are numbers; program p scores 1 on an example when p > example index mod 4."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def evaluate(self, programs, examples, capture_traces=False):
+        from dspy_opro.scoring import Evaluation
+
+        self.calls += len(programs) * len(examples)
+        return [
+            Evaluation(scores=[float(p > e % 4) for e in examples], traces=[{} for _ in examples]) for p in programs
+        ]
+
+
+def test_a_round_over_budget_goes_on_with_the_leaders_only():
+    scorer = CountingScorer()
+    examples, order = list(range(16)), list(range(16))
+    # threshold 0: no candidate is ever dropped by the bound, only by the budget
+    results = screen(scorer, [1, 4, 2, 3], examples, threshold=0.0, order=order, first_batch=4, max_calls=24)
+    assert scorer.calls == 24  # 4 x 4 in the first round, then 2 leaders x 4
+    assert [r.evaluated for r in results] == [4, 8, 4, 8]
+    assert screen(CountingScorer(), [1, 2], examples, threshold=0.0, order=order, max_calls=3)[0].evaluated == 0
