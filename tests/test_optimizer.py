@@ -28,6 +28,7 @@ def opro(optimizer=None, **kwargs):
         num_steps=3,
         candidates_per_step=8,
         num_threads=4,
+        screening=False,  # these tests pin the paper's full scoring; tests/test_screening.py covers screening
         show_progress=False,
     )
     settings.update(kwargs)
@@ -430,7 +431,7 @@ import dspy
 from opro_scripted import ScriptedOptimizer, make_trainset, metric, task_lm
 from dspy_opro import OPRO
 OPRO(metric, prompt_model=ScriptedOptimizer().lm(), task_model=task_lm(delay=0.02), num_steps=50,
-     num_threads=1, initial_instructions="Answer.", log_dir={log_dir!r}, show_progress=False
+     num_threads=1, initial_instructions="Answer.", log_dir={log_dir!r}, screening=False, show_progress=False
 ).compile(dspy.Predict("question -> answer"), trainset=make_trainset(8))
 """
 
