@@ -10,6 +10,10 @@ bound at ``z`` standard errors — is below the current best score: it could not
 best, so the rest of its calls are saved. Survivors are scored on every example, so the best
 program is always chosen on full-set scores; a dropped candidate keeps the score measured on
 the examples it was run on, which is what the meta-prompt shows for it.
+
+Under ``max_metric_calls`` a step starts every new candidate whose first minibatch fits in the
+budget, and a later round that would pass it goes on with the leading candidates only.
+`dspy_opro.OPRO` screens by default; ``screening=False`` scores as the reference does.
 """
 
 from __future__ import annotations
