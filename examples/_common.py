@@ -294,6 +294,26 @@ def report(study: Study, *, title: str, paper: Sequence[str]) -> None:
         print(line)
 
 
+def make_opro(args: argparse.Namespace, models: Models, metric: Callable, initial: Sequence[str], **extra: Any) -> Any:
+    """OPRO configured from the script's flags (steps, proposals, budget, threads, seed, log dir) and models."""
+    from dspy_opro import OPRO
+
+    return OPRO(
+        metric,
+        prompt_model=models.prompt_lm,
+        task_model=models.task_lm,
+        meta_prompt=models.family,
+        initial_instructions=list(initial),
+        num_steps=args.steps,
+        candidates_per_step=args.candidates,
+        max_metric_calls=args.budget,
+        num_threads=args.threads,
+        seed=args.seed,
+        log_dir=args.log_dir,
+        **extra,
+    )
+
+
 def run_study(
     optimizer: Any,
     student: dspy.Module,

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import _common as common
 
-from dspy_opro import OPRO
 from dspy_opro.tasks import BBH_TASKS, bbh_metric, load_bbh, split_examples
 
 INITIAL_INSTRUCTION = common.EMPTY_INSTRUCTION  # the paper's starting point on BBH
@@ -82,18 +81,11 @@ def main(argv: list[str] | None = None) -> common.Study:
 
     initial = common.initial_instructions(args.initial)
     student = common.make_program(args.program, initial[0])
-    optimizer = OPRO(
+    optimizer = common.make_opro(
+        args,
+        models,
         bbh_metric,
-        prompt_model=models.prompt_lm,
-        task_model=models.task_lm,
-        meta_prompt=models.family,
-        initial_instructions=initial,
-        num_steps=args.steps,
-        candidates_per_step=args.candidates,
-        max_metric_calls=args.budget,
-        num_threads=args.threads,
-        seed=args.seed,
-        log_dir=args.log_dir,
+        initial,
         task_description=f"{args.task.replace('_', ' ')} (BIG-Bench Hard)",
     )
     title = (

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import _common as common
 
-from dspy_opro import OPRO
 from dspy_opro.tasks import gsm8k_metric, load_gsm8k, split_examples
 
 INITIAL_INSTRUCTION = "Let's solve the problem."  # the paper's starting point on GSM8K
@@ -84,18 +83,11 @@ def main(argv: list[str] | None = None) -> common.Study:
 
     initial = common.initial_instructions(args.initial)
     student = common.make_program(args.program, initial[0])
-    optimizer = OPRO(
+    optimizer = common.make_opro(
+        args,
+        models,
         gsm8k_metric,
-        prompt_model=models.prompt_lm,
-        task_model=models.task_lm,
-        meta_prompt=models.family,
-        initial_instructions=initial,
-        num_steps=args.steps,
-        candidates_per_step=args.candidates,
-        max_metric_calls=args.budget,
-        num_threads=args.threads,
-        seed=args.seed,
-        log_dir=args.log_dir,
+        initial,
         instruction_filter=has_no_digits,
         task_description="solving grade-school math word problems",
     )

@@ -59,6 +59,7 @@ from mesa_module import MesaLM, MesaLMConfig  # noqa: E402
 # script, not when it is loaded from a file path (as the tests do).
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import describe  # noqa: E402
 from _mesa_training import learning_rate_factor, make_optimizer  # noqa: E402
 
 logger = logging.getLogger("mesa_lm_with_opro")
@@ -502,16 +503,6 @@ class Report:
     table: str = ""
     selection_table: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def describe(instruction: str, width: int | None = None) -> str:
-    """An instruction for a table: quoted, ``(empty)`` when blank, shortened to ``width`` characters."""
-    text = " ".join(instruction.split())
-    if not text:
-        return "(empty)"
-    if width is not None and len(text) + 2 > width:
-        text = text[: width - 5] + "..."
-    return f'"{text}"'
 
 
 def selection_matrix(model: MesaLM, instructions: Sequence[str], lists: Sequence[Sequence[str]]) -> dict:
