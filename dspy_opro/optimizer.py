@@ -98,7 +98,8 @@ class OPRO(Teleprompter):
             derived from the predictor's signature by default.
         screening: Score new candidates on a growing minibatch and stop scoring those that
             cannot plausibly beat the best (see `dspy_opro.screening`); on by default, since it
-            matched or beat full scoring with half the metric calls in `benchmarks/optimizers.py`.
+            reached full scoring's held-out accuracy, within the noise, with half the metric calls
+            in `benchmarks/optimizers.py`.
             ``False`` gives the paper's full scoring of every candidate. The best program is
             still chosen on full training-set scores.
         show_progress: Show a progress bar over steps.
@@ -191,9 +192,9 @@ class OPRO(Teleprompter):
                 scored on.
             valset: Optional held-out examples. When given, the ``num_final_candidates`` best
                 candidates by training score, and the best starting instruction, are re-scored
-                on it and the best there is returned. Without it the best training score wins; training scores tend to
-                overstate held-out accuracy (by 5-20 points in the OPRO paper), so pass a
-                valset when you can. No split of ``trainset`` is ever made silently.
+                on it and the best there is returned. Without it the best training score wins;
+                training scores tend to overstate held-out accuracy (by 5-20 points in the OPRO
+                paper), so pass a valset when you can. No split of ``trainset`` is ever made silently.
 
         Returns:
             A copy of ``student`` whose predictors carry the chosen instructions.
