@@ -7,7 +7,7 @@ model proposes such an instruction among others. So a working pipeline must end 
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import itertools
 import json
 import re
@@ -16,11 +16,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from example_scripts import EXAMPLES, loaded_example
 
 from dspy_opro.local import SmallModelAdapter
 from dspy_opro.testing import ScriptedCall, scripted_lm
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 KEYWORD = "carefully"
 PROPOSALS = ["Think about it.", "Use 2 steps.", "Solve it carefully.", "Be brief."]
 _SUM = re.compile(r"What is (\d+) plus (\d+)\?")
@@ -32,20 +32,13 @@ _BOOLEAN = re.compile(r"Question: (True|False) and (True|False) is")
 def scripts():
     """The three example scripts as modules (they import ``_common`` from their own folder)."""
     sys.path.insert(0, str(EXAMPLES))
-    loaded = {}
     try:
-        for name in ("gsm8k", "bbh", "swap_optimizer"):
-            spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-            spec.loader.exec_module(module)
-            loaded[name] = module
-        loaded["common"] = sys.modules["_common"]
-        yield loaded
+        with contextlib.ExitStack() as stack:
+            loaded = {name: stack.enter_context(loaded_example(name)) for name in ("gsm8k", "bbh", "swap_optimizer")}
+            loaded["common"] = sys.modules["_common"]
+            yield loaded
     finally:
         sys.path.remove(str(EXAMPLES))
-        for name in ("gsm8k", "bbh", "swap_optimizer"):
-            sys.modules.pop(f"example_{name}", None)
         sys.modules.pop("_common", None)
 
 

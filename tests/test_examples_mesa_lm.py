@@ -1,26 +1,15 @@
 """The mesa language-model example, end to end on tiny settings."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "mesa_lm.py"
+from example_scripts import loaded_example
 
 
 @pytest.fixture(scope="module")
 def mesa_lm():
-    spec = importlib.util.spec_from_file_location("examples_mesa_lm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # Dataclasses look their module up in sys.modules while the module executes.
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with loaded_example("mesa_lm") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_split_is_by_position_and_covers_the_corpus(mesa_lm):

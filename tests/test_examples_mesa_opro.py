@@ -1,34 +1,26 @@
 """The mesa-LM + OPRO example: task grammar, serving through the local provider, and the whole run on tiny settings."""
 
-import importlib.util
 import itertools
 import random
-import sys
-from pathlib import Path
 
 import dspy
 import pytest
 import torch
+from example_scripts import loaded_example
 
 from dspy_opro.local import GenerationRequest, SmallModelAdapter, register, unregister_generator
 from dspy_opro.testing import scripted_lm
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "mesa_lm_with_opro.py"
 TINY_MODEL = ["--train-steps", "3", "--batch-size", "4", "--d-model", "16", "--layers", "1"]
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("examples_mesa_lm_with_opro", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # Dataclasses look their module up in sys.modules while the module executes.
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        unregister_generator(module.MODEL_NAME)
+    with loaded_example("mesa_lm_with_opro") as module:
+        try:
+            yield module
+        finally:
+            unregister_generator(module.MODEL_NAME)
 
 
 @pytest.fixture(scope="module")
