@@ -36,7 +36,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -45,6 +44,7 @@ from dspy.utils.callback import BaseCallback  # noqa: E402
 
 from dspy_opro import OPRO  # noqa: E402
 from dspy_opro.models import optimizer_model, resolve_lm  # noqa: E402
+from dspy_opro.plots import save_figure  # noqa: E402
 from dspy_opro.tasks import bbh_metric, gsm8k_metric, load_bbh, load_gsm8k, split_examples  # noqa: E402
 
 OPTIMIZERS = ("baseline", "opro", "opro-screening", "copro", "mipro")
@@ -257,9 +257,7 @@ def plot(results: list[Result], args) -> None:
     ax.bar(names, means, yerr=errors, capsize=4, color="#4c72b0")
     ax.set_ylabel("held-out test accuracy (%)")
     ax.set_title(f"{args.task}: {args.budget} metric calls, {len(args.seeds)} seed(s)")
-    fig.tight_layout()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
+    save_figure(fig, args.out)
 
 
 def main() -> None:

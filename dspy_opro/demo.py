@@ -268,15 +268,12 @@ def plot_trajectory(program: dspy.Module, path: str | Path, *, title: str = "OPR
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dspy_opro.plots import draw_trajectory
+    from dspy_opro.plots import draw_trajectory, save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4))
     draw_trajectory(ax, program.trajectory)
     ax.set_title(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_demo(

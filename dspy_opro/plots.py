@@ -4,7 +4,7 @@ Each function draws on an ``Axes`` the caller made, so scripts can lay panels ou
 
     fig, ax = plt.subplots()
     draw_trajectory(ax, optimized.trajectory)      # the compiled program's per-step record (track_stats=True)
-    fig.savefig("trajectory.png")
+    save_figure(fig, "runs/trajectory.png")
 
 matplotlib is not a dependency of the package (it comes with the ``examples`` extra); it is imported by
 the caller, never here.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 BEST_COLOR = "#dd8452"
@@ -86,3 +87,26 @@ def draw_scores(
         xmax = min(100.0, max(10.0, 1.3 * max(score for _, score, _ in rows)))
     ax.set_xlim(0, xmax)
     ax.set_xlabel(xlabel)
+
+
+def save_figure(fig: Any, path: str | Path, *, title: str | None = None) -> Path:
+    """Lay ``fig`` out, write it as a PNG at ``path`` (creating the folder) and close it.
+
+    Args:
+        fig: A matplotlib ``Figure``.
+        path: Where the PNG goes.
+        title: A title over all panels, if any.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib.pyplot as plt
+
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

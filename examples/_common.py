@@ -353,7 +353,7 @@ def plot_study(study: Study, path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dspy_opro.plots import draw_scores, draw_trajectory
+    from dspy_opro.plots import draw_scores, draw_trajectory, save_figure
 
     fig, (bars, steps) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.15, 1]})
     draw_scores(
@@ -362,9 +362,4 @@ def plot_study(study: Study, path: Path, title: str) -> Path:
     bars.set_title("held-out test set (orange: OPRO's choice)", fontsize=9)
     draw_trajectory(steps, study.trajectory)
     steps.set_title("OPRO trajectory", fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title=title)

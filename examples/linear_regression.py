@@ -29,6 +29,7 @@ import dspy
 import numpy as np
 
 from dspy_opro.numeric import LinearRegression, OptimizationResult, make_prompt_model, optimize
+from dspy_opro.plots import save_figure
 from dspy_opro.testing import scripted_lm
 
 START_BOX = (10, 20)  # the paper's range of the starting pairs, both coordinates
@@ -110,10 +111,7 @@ def plot(results: Results, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.text(0.01, 0.01, "dotted: each run's exact optimum (best integer pair)", fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

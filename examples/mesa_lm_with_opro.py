@@ -551,7 +551,7 @@ def plot_report(report: Report, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dspy_opro.plots import draw_scores, draw_trajectory
+    from dspy_opro.plots import draw_scores, draw_trajectory, save_figure
 
     fig, (steps, bars) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1, 1.1]})
     draw_trajectory(steps, report.trajectory, legend_loc="center right")
@@ -560,11 +560,7 @@ def plot_report(report: Report, path: Path, title: str) -> None:
     rows = [(f"{describe(r.instruction, 80)} ({r.source})", r.test, r.source.startswith("OPRO")) for r in report.rows]
     draw_scores(bars, rows, wrap=34, xmax=112)
     bars.set_title("held-out lists (orange: OPRO's choice)", fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title=title)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ from dspy.utils.callback import BaseCallback
 
 from dspy_opro import OPRO
 from dspy_opro.demo import PROBLEM_KINDS, answer_metric, make_splits
+from dspy_opro.plots import save_figure
 
 
 # ------------------------------------------------------------------ the pipeline a user already has
@@ -242,12 +243,7 @@ def plot(outcomes: list[Outcome], path: Path, title: str) -> Path:
     )
     calls.set_ylabel("LM calls while compiling")
     calls.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title=title)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

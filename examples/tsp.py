@@ -33,6 +33,7 @@ from dspy_opro.numeric import (
     tour_length,
 )
 from dspy_opro.numeric.tsp import MAX_EXACT_NODES
+from dspy_opro.plots import save_figure
 
 # Paper Table 3: optimality gap in percent, averaged over 5 problems per n.
 PAPER_GAPS = {
@@ -74,10 +75,7 @@ def plot(problem: TravelingSalesman, tours: list[tuple[str, tuple[int, ...]]], r
     ax.set_title("OPRO trajectory", fontsize=8)
     ax.legend(fontsize=6)
     fig.suptitle(f"TSP, n = {problem.n} (red: point 0)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,7 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dspy_opro.plots import BEST_COLOR, OTHER_COLOR, draw_scores, draw_trajectory  # noqa: E402
+from dspy_opro.plots import BEST_COLOR, OTHER_COLOR, draw_scores, draw_trajectory, save_figure  # noqa: E402
 
 TRAJECTORY = [
     {"step": 0, "best_score": 20.0, "candidate_scores": []},
@@ -35,3 +35,12 @@ def test_scores_highlight_the_chosen_rows_and_refuse_no_rows():
     with pytest.raises(ValueError, match="at least one row"):
         draw_scores(ax, [])
     plt.close(fig)
+
+
+def test_save_figure_writes_a_png_in_a_new_folder_and_closes_the_figure(tmp_path):
+    fig, ax = plt.subplots()
+    draw_trajectory(ax, TRAJECTORY)
+    path = save_figure(fig, tmp_path / "new" / "trajectory.png", title="run")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fig._suptitle.get_text() == "run"
+    assert not plt.fignum_exists(fig.number)
