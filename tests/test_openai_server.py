@@ -5,7 +5,6 @@ import time
 import dspy
 import litellm
 import pytest
-
 from openai_server import Fault, FaultPlan, OpenAIServer
 
 
