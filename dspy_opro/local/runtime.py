@@ -533,6 +533,10 @@ def generate(
     result = Completion()
     with get_runtime(settings).acquire() as llama:
         for index, choice_seed in enumerate(seeds):
+            if seed is not None:
+                # llama.cpp reuses the cached prompt prefix across calls, and logits from a partial re-evaluation
+                # differ in the last bits from a full one: a seeded sample is only reproducible from a clean context.
+                llama.reset()
             try:
                 if messages is not None:
                     raw = llama.create_chat_completion(messages=list(messages), seed=choice_seed, **options)
