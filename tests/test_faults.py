@@ -4,9 +4,9 @@ import dspy
 import litellm
 import pytest
 from dspy.utils.exceptions import AdapterParseError
+from openai_server import Fault, FaultPlan, OpenAIServer
 
 from dspy_opro.faults import FATAL, OUTPUT, PROGRAM, TRANSIENT, classify, describe, retry_after
-from openai_server import Fault, FaultPlan, OpenAIServer
 
 
 @pytest.fixture
