@@ -349,7 +349,7 @@ def run_demo(
         "seed": seed,
         "rows": [dict(zip(("which", "instruction", "train", "val", "test"), row, strict=True)) for row in rows],
         "trajectory": optimized.trajectory,
-        "candidates": optimized.candidate_programs,
+        "candidates": [{k: v for k, v in c.items() if k != "program"} for c in optimized.candidate_programs],
         "call_counts": optimized.call_counts,
     }
     out.mkdir(parents=True, exist_ok=True)

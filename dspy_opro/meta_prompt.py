@@ -19,6 +19,7 @@ it and so can a user, to see exactly what is sent.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -162,6 +163,44 @@ _TEXT_OPEN = re.compile(r"<TEXT>", re.IGNORECASE)
 _TEXT_CLOSE = re.compile(r"</TEXT>", re.IGNORECASE)
 _LETTER = re.compile(r"[^\W\d_]")
 _MAX_BARE_REPLY = 300  # a tagless reply is taken whole only if it is one short line
+# DSPy's ChatAdapter writes each output field after a "[[ ## name ## ]]" marker; chat models trained on
+# DSPy traffic answer in that layout unasked.
+_FIELD_MARKER = re.compile(r"\[\[\s*##\s*([\w ]+?)\s*##\s*\]\]")
+_NOT_INSTRUCTION_FIELDS = {"completed", "reasoning", "rationale"}
+_DSPY_MARKER_INSIDE = re.compile(r"^\s*##.*##\s*$", re.DOTALL)
+
+
+def _from_fields(reply: str) -> str | None:
+    """The content of the instruction field of a reply in DSPy's field layout, read like a reply itself."""
+    parts = _FIELD_MARKER.split(reply)
+    if len(parts) < 3:
+        return None
+    fields = [(name.strip().lower(), content.strip()) for name, content in zip(parts[1::2], parts[2::2], strict=True)]
+    named = [content for name, content in fields if "instruction" in name and content]
+    others = [content for name, content in fields if name not in _NOT_INSTRUCTION_FIELDS and content]
+    for content in named or others[:1]:
+        found = _from_tags(content) or content.split("\n\n")[0].strip()
+        if found:
+            return found
+    return None
+
+
+def _from_json(reply: str) -> str | None:
+    """The instruction of a reply that is a JSON object (DSPy's JSONAdapter layout)."""
+    text = reply.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    texts = {str(k).lower(): v for k, v in data.items() if isinstance(v, str) and v.strip()}
+    named = [v for k, v in texts.items() if "instruction" in k]
+    if named or len(texts) == 1:
+        return (named or list(texts.values()))[0].strip()
+    return None
 
 
 def _from_tags(reply: str) -> str | None:
@@ -177,7 +216,7 @@ def _from_tags(reply: str) -> str | None:
 
 
 def _from_brackets(reply: str) -> str | None:
-    found = [m.strip() for m in _BRACKETED.findall(reply) if _LETTER.search(m)]
+    found = [m.strip() for m in _BRACKETED.findall(reply) if _LETTER.search(m) and not _DSPY_MARKER_INSIDE.match(m)]
     return found[-1] if found else None
 
 
@@ -201,15 +240,17 @@ def extract_instruction(family: str, reply: str | None) -> str | None:
     """Read the proposed instruction out of an optimizer reply.
 
     Each family first looks for the format it asked for, then falls back to the other
-    formats, then to a reply that is a single short line. Returns ``None`` when nothing
-    usable is found.
+    formats, then to a reply that is a single short line. The chat and paper families first
+    read replies in DSPy's own layouts (``[[ ## proposed_instruction ## ]]`` fields, a JSON
+    object), taking the instruction field's content, never a field marker. Returns ``None``
+    when nothing usable is found.
     """
     if not reply or not reply.strip():
         return None
     if family == "chat":
-        order = (_from_tags, _from_brackets, _from_bare_reply)
+        order = (_from_fields, _from_json, _from_tags, _from_brackets, _from_bare_reply)
     elif family == "paper":
-        order = (_from_brackets, _from_tags, _from_bare_reply)
+        order = (_from_fields, _from_json, _from_brackets, _from_tags, _from_bare_reply)
     elif family == "base":
         order = (_from_tags, _from_completion)
     else:

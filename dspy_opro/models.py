@@ -35,12 +35,22 @@ def check_model_string(model: str) -> None:
         litellm.suppress_debug_info = quiet
 
 
+# A finite wait for every string-built model: litellm's own default is 6,000 s, so a stalled provider would
+# hang a run for hours. Slower models can be given as a dspy.LM with their own ``timeout``.
+REQUEST_TIMEOUT_S = 120.0
+
+
 def resolve_lm(spec: Any, *, role: str) -> dspy.BaseLM | None:
     """Turn a user's model spec into an LM.
 
+    A model string becomes ``dspy.LM(spec, timeout=REQUEST_TIMEOUT_S)`` with DSPy's default engine
+    (``"auto"``): providers that DSPy serves natively (OpenAI, Anthropic, Gemini, Ollama, ...) fail at
+    once with DSPy's own configuration errors ("no API key found ... set OPENAI_API_KEY") and bound
+    every wait, and everything else (the embedded ``local/`` models among them) goes through litellm.
+
     Args:
         spec: ``None`` (decided later), a `dspy.BaseLM`, or a litellm model string such as
-            ``"openai/gpt-4o-mini"``, which becomes ``dspy.LM(spec, engine="litellm")``.
+            ``"openai/gpt-4o-mini"``.
         role: The argument name, for error messages.
     """
     if spec is None or isinstance(spec, dspy.BaseLM):
@@ -49,22 +59,52 @@ def resolve_lm(spec: Any, *, role: str) -> dspy.BaseLM | None:
         if not spec.strip():
             raise ValueError(f"{role} is an empty string; pass a litellm model string or a dspy.LM")
         check_model_string(spec)
-        return dspy.LM(spec, engine="litellm")
+        return dspy.LM(spec, timeout=REQUEST_TIMEOUT_S)
     raise TypeError(f"{role} must be a dspy.LM or a litellm model string, got {type(spec).__name__}")
 
 
-def optimizer_model(spec: str, *, family: str = "auto", max_tokens: int = 512) -> tuple[dspy.BaseLM, str]:
+def is_local_model(model: Any) -> bool:
+    """Whether ``model`` (a model string or an LM) is one of the embedded ``local/`` models."""
+    from .local._registration import PROVIDER
+
+    name = model if isinstance(model, str) else str(getattr(model, "model", ""))
+    return name.startswith(f"{PROVIDER}/")
+
+
+def meta_prompt_family(model: Any) -> str:
+    """The meta-prompt family that works for a prompt model: the one rule behind ``"auto"``.
+
+    ``"base"`` (a scored list continued as a plain text completion) for the embedded local models and
+    for any text-completion LM (``model_type="text"``): a small model proposes far more usable text
+    when it continues a list than when it is asked in words. ``"chat"`` for every other model.
+    Instruction OPRO (`dspy_opro.OPRO`) and numeric OPRO (`dspy_opro.numeric.optimize`) both use it.
+
+    Args:
+        model: A litellm model string or an LM.
+
+    Returns:
+        ``"base"`` or ``"chat"``.
+    """
+    text = not isinstance(model, str) and getattr(model, "model_type", None) == "text"
+    return "base" if text or is_local_model(model) else "chat"
+
+
+LOCAL_MAX_TOKENS = 512
+
+
+def optimizer_model(
+    spec: str, *, family: str = "auto", max_tokens: int | None = LOCAL_MAX_TOKENS
+) -> tuple[dspy.BaseLM, str]:
     """The prompt (optimizer) model for a litellm model string, with the meta-prompt family to use.
 
-    ``"auto"`` picks ``"base"`` for the embedded local models (``local/...``: a small model
-    proposes far more usable text when it continues a list than when it is asked in words)
-    and ``"chat"`` for every other model. A ``"base"`` model is a text-completion LM that sends
-    the meta-prompt unchanged (`dspy_opro.local.text_lm`); the others are chat LMs.
+    ``"auto"`` resolves with `meta_prompt_family`. A ``"base"`` model is a text-completion LM that
+    sends the meta-prompt unchanged (`dspy_opro.local.text_lm`); the others are chat LMs.
 
     Args:
         spec: A litellm model string, e.g. ``"local/smollm2"`` or ``"openai/gpt-4o-mini"``.
         family: ``"auto"``, ``"chat"``, ``"paper"`` or ``"base"``.
-        max_tokens: Longest reply.
+        max_tokens: Longest reply; ``None`` keeps the provider's default for remote chat models
+            (local and text-completion models always get a cap, `LOCAL_MAX_TOKENS` by default).
 
     Returns:
         The LM and the resolved family.
@@ -73,18 +113,19 @@ def optimizer_model(spec: str, *, family: str = "auto", max_tokens: int = 512) -
 
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"the prompt model must be a litellm model string such as 'local/smollm2', got {spec!r}")
-    is_local = spec.startswith("local/")
     if family == "auto":
-        family = "base" if is_local else "chat"
+        family = meta_prompt_family(spec)
     if family not in ("chat", "paper", "base"):
         raise ValueError(f"family must be 'auto', 'chat', 'paper' or 'base', got {family!r}")
     model_type = "text" if family == "base" else "chat"
-    if is_local:
-        return local_lm(spec, model_type=model_type, max_tokens=max_tokens), family
+    capped = LOCAL_MAX_TOKENS if max_tokens is None else max_tokens
+    if is_local_model(spec):
+        return local_lm(spec, model_type=model_type, max_tokens=capped), family
     if family == "base":
         check_model_string(spec)
-        return text_lm(spec, max_tokens=max_tokens), family
-    return resolve_lm(spec, role="prompt_model").copy(max_tokens=max_tokens), family
+        return text_lm(spec, max_tokens=capped), family
+    lm = resolve_lm(spec, role="prompt_model")
+    return (lm if max_tokens is None else lm.copy(max_tokens=max_tokens)), family
 
 
 def lm_name(lm: dspy.BaseLM | None) -> str | None:

@@ -16,7 +16,12 @@ the current best program only if it scores strictly higher on the training set.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import inspect
 import logging
+import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -26,11 +31,22 @@ import dspy
 from dspy.teleprompt import Teleprompter
 from tqdm.auto import tqdm
 
+from . import compat
 from .candidates import DEFAULT_MAX_LENGTH, dedup_key, normalize_instruction, rejection_reason
+from .events import report_evaluations
 from .exemplars import EXEMPLAR_STRATEGIES, select_exemplars
 from .history import Candidate, Checkpoint, RunState, StepRecord, digest
 from .meta_prompt import BASE_STOP, FAMILIES, Exemplar, extract_instruction, render_meta_prompt
-from .models import CallCounter, lm_name, resolve_lm, sample_replies
+from .models import (
+    CallCounter,
+    check_model_string,
+    lm_name,
+    meta_prompt_family,
+    optimizer_model,
+    resolve_lm,
+    sample_replies,
+)
+from .preflight import CheckReport, check_models
 from .scoring import Evaluation, MetricError, Scorer, as_score
 from .screening import example_order, first_batch_size, screen
 
@@ -45,28 +61,42 @@ _STOP_AFTER_FAILED_STEPS = 3
 class OPRO(Teleprompter):
     """Optimize the instructions of a DSPy program with OPRO.
 
-    A drop-in replacement for ``dspy.COPRO`` / ``dspy.MIPROv2`` (instruction-only)::
+    A drop-in replacement for ``dspy.COPRO``, ``dspy.MIPROv2`` (instruction-only) and ``dspy.GEPA``:
+    their constructor and ``compile`` arguments are accepted under their own names (see
+    `dspy_opro.compat` and the README's table), so changing the class name is enough::
 
         optimizer = OPRO(metric=my_metric, prompt_model="openai/gpt-4o-mini")
         optimized = optimizer.compile(program, trainset=train, valset=val)
 
     Args:
         metric: ``metric(example, prediction)`` returning a bool, a number in [0, 1] or a
-            ``dspy.Prediction`` with a ``score``. Scores are shown to the optimizer model as
-            integers from 0 to 100 (mean x 100).
+            ``dspy.Prediction`` with a ``score`` (and, as GEPA metrics return, a ``feedback``).
+            GEPA's ``metric(gold, pred, trace, pred_name, pred_trace)`` works as it is. Scores are
+            shown to the optimizer model as integers from 0 to 100 (mean x 100).
         prompt_model: The model that proposes instructions: a ``dspy.LM`` or a litellm model
             string (``"openai/gpt-4o-mini"``, ``"ollama_chat/llama3"``, ``"local/smollm2"``).
-            Defaults to ``dspy.settings.lm`` at compile time.
+            Defaults to ``dspy.settings.lm`` at compile time. GEPA's ``reflection_lm`` is accepted
+            as this argument.
         task_model: The model that runs the program while scoring; same forms. Defaults to
             ``dspy.settings.lm``. Predictors with their own ``lm`` keep it.
-        num_steps: Optimization steps after scoring the initial instructions.
-        candidates_per_step: Independent samples from the prompt model per step.
+        auto: ``"light"``, ``"medium"`` or ``"heavy"``: a preset of ``candidates_per_step``,
+            ``num_steps``, ``num_final_candidates`` and a metric-call budget sized to the data
+            (`dspy_opro.compat.AUTO_PRESETS`). At most one of ``auto``, ``max_metric_calls`` and
+            ``max_full_evals``; the preset's settings may be repeated, not changed.
+        num_steps: Optimization steps after scoring the initial instructions (default 20).
+            COPRO's ``depth``.
+        candidates_per_step: Independent samples from the prompt model per step (default 8).
+            COPRO's ``breadth``, MIPROv2's ``num_candidates``.
         max_instructions_in_prompt: How many of the best instructions the meta-prompt shows.
-        num_exemplars: Training examples shown in the meta-prompt.
+        num_exemplars: Training examples shown in the meta-prompt (default 3). GEPA's
+            ``reflection_minibatch_size``.
         exemplar_selection: ``"random"``, ``"constant"``, ``"accumulative_most_frequent"`` or
             ``"current_most_frequent"`` (see `dspy_opro.exemplars`).
-        temperature: Sampling temperature of the prompt model.
-        meta_prompt: ``"chat"`` (instruction-tuned optimizers), ``"paper"`` (the paper's
+        temperature: Sampling temperature of the prompt model (default 1.0). COPRO's and
+            MIPROv2's ``init_temperature``.
+        meta_prompt: ``"auto"`` (the default: `dspy_opro.models.meta_prompt_family` picks
+            ``"base"`` for the embedded local models and text-completion LMs, ``"chat"``
+            otherwise), ``"chat"`` (instruction-tuned optimizers), ``"paper"`` (the paper's
             wording) or ``"base"`` (pretrained/small models; sent as a plain text completion
             when the prompt model is a text-completion model). See `render_meta_prompt`.
         initial_instructions: ``None`` (each predictor's current instruction), a string or
@@ -80,17 +110,20 @@ class OPRO(Teleprompter):
             included. The run stops cleanly before exceeding it and returns the best so far.
             (Before the run the metric is also called once on a training example's own labels,
             to reject a metric that does not return a number before any LM call is spent.)
+        max_full_evals: GEPA's budget form: ``max_metric_calls`` becomes ``max_full_evals x
+            (len(trainset) + len(valset))`` for each compile call.
         seed: Seeds exemplar draws and the sampling rollout ids; a rerun with the same seed
-            and the DSPy cache on repeats the same run.
+            and the DSPy cache on repeats the same run. ``None`` draws a seed once (logged; see
+            ``get_params()``).
         log_dir: Directory for the JSON history, rewritten atomically after every step. A
             ``compile`` with the same ``log_dir``, program, data and settings resumes the run.
         track_stats: Attach ``candidate_programs``, ``trial_logs``, ``trajectory``,
-            ``call_counts`` and ``score`` to the returned program.
+            ``call_counts``, ``total_calls`` and ``score`` to the returned program.
         num_final_candidates: How many of the best training candidates are re-scored on
-            ``valset`` to choose the result; one of the places goes to the best starting
-            instruction when it is not among them, so the result never validates worse than the
-            start. Under ``max_metric_calls``, validation takes at most a quarter of the budget,
-            so fewer finalists may be validated.
+            ``valset`` to choose the result (default 5); one of the places goes to the best
+            starting instruction when it is not among them, so the result never validates worse
+            than the start. Under ``max_metric_calls``, validation takes at most a quarter of the
+            budget, so fewer finalists may be validated.
         max_instruction_length: Longer proposals are discarded (characters).
         instruction_filter: Optional ``filter(text) -> bool``; proposals for which it returns
             False are discarded (the reference drops digits on GSM8K, for example).
@@ -101,64 +134,101 @@ class OPRO(Teleprompter):
             reached full scoring's held-out accuracy, within the noise, with half the metric calls
             in `benchmarks/optimizers.py`.
             ``False`` gives the paper's full scoring of every candidate. The best program is
-            still chosen on full training-set scores.
+            still chosen on full training-set scores. MIPROv2's ``compile(minibatch=...)``.
         show_progress: Show a progress bar over steps.
+        verbose: Log at DEBUG level during ``compile`` (every meta-prompt, every unreadable
+            reply), to stderr if no logging handler is configured.
+        **dspy_args: COPRO's, MIPROv2's and GEPA's names for the arguments above, and their
+            arguments that need no OPRO setting (e.g. ``max_bootstrapped_demos=0``). An argument
+            OPRO cannot honour raises a `ValueError` with the reason; an unknown one a `TypeError`
+            naming the closest OPRO arguments.
     """
 
     def __init__(
         self,
         metric: Callable,
-        *,
         prompt_model: dspy.BaseLM | str | None = None,
         task_model: dspy.BaseLM | str | None = None,
-        num_steps: int = 20,
-        candidates_per_step: int = 8,
+        *,
+        auto: str | None = None,
+        num_steps: int | None = None,
+        candidates_per_step: int | None = None,
         max_instructions_in_prompt: int = 20,
-        num_exemplars: int = 3,
+        num_exemplars: int | None = None,
         exemplar_selection: str = "random",
-        temperature: float = 1.0,
-        meta_prompt: str = "chat",
+        temperature: float | None = None,
+        meta_prompt: str = "auto",
         initial_instructions: str | Sequence[str] | Mapping[str, str | Sequence[str]] | None = None,
         num_threads: int | None = None,
         max_errors: int | None = None,
         max_metric_calls: int | None = None,
-        seed: int = 0,
+        max_full_evals: int | None = None,
+        seed: int | None = 0,
         log_dir: str | None = None,
         track_stats: bool = True,
-        num_final_candidates: int = 5,
+        num_final_candidates: int | None = None,
         max_instruction_length: int = DEFAULT_MAX_LENGTH,
         instruction_filter: Callable[[str], bool] | None = None,
         task_description: str | None = None,
         screening: bool = True,
         show_progress: bool = True,
+        verbose: bool = False,
+        **dspy_args: Any,
     ):
         super().__init__()
-        if not callable(metric):
-            raise TypeError(f"metric must be callable as metric(example, prediction), got {type(metric).__name__}")
+        _check_metric_argument(metric)
+        given = {
+            "prompt_model": prompt_model,
+            "num_steps": num_steps,
+            "candidates_per_step": candidates_per_step,
+            "num_exemplars": num_exemplars,
+            "temperature": temperature,
+            "num_final_candidates": num_final_candidates,
+        }
+        for target, (alias, value) in compat.translate(compat.INIT, dspy_args, known=_own_arguments()).items():
+            compat.check_conflict(target, given[target], alias, value)
+            given[target] = value
+        _apply_preset(auto, given, max_metric_calls=max_metric_calls, max_full_evals=max_full_evals)
+        for name, default in _DEFAULTS.items():
+            if given.get(name) is None:
+                given[name] = default
+        num_steps, candidates_per_step = given["num_steps"], given["candidates_per_step"]
+        num_exemplars, num_final_candidates = given["num_exemplars"], given["num_final_candidates"]
+        temperature, prompt_model = given["temperature"], given["prompt_model"]
+
         _check_int("num_steps", num_steps, minimum=0)
         _check_int("candidates_per_step", candidates_per_step, minimum=1)
         _check_int("max_instructions_in_prompt", max_instructions_in_prompt, minimum=1)
         _check_int("num_exemplars", num_exemplars, minimum=0)
         _check_int("num_final_candidates", num_final_candidates, minimum=1)
         _check_int("max_instruction_length", max_instruction_length, minimum=1)
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**31)
+            logger.info("OPRO drew seed=%d (seed=None); pass it as seed= to repeat this run", seed)
         _check_int("seed", seed, minimum=None)
         for name, value in (("num_threads", num_threads), ("max_errors", max_errors)):
             if value is not None:
                 _check_int(name, value, minimum=1 if name == "num_threads" else 0)
-        if max_metric_calls is not None:
-            _check_int("max_metric_calls", max_metric_calls, minimum=1)
+        for name, value in (("max_metric_calls", max_metric_calls), ("max_full_evals", max_full_evals)):
+            if value is not None:
+                _check_int(name, value, minimum=1)
         if exemplar_selection not in EXEMPLAR_STRATEGIES:
             raise ValueError(f"exemplar_selection must be one of {EXEMPLAR_STRATEGIES}, got {exemplar_selection!r}")
-        if meta_prompt not in FAMILIES:
-            raise ValueError(f"meta_prompt must be one of {FAMILIES}, got {meta_prompt!r}")
+        if meta_prompt != "auto" and meta_prompt not in FAMILIES:
+            raise ValueError(f"meta_prompt must be one of {('auto', *FAMILIES)}, got {meta_prompt!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
             raise ValueError(f"temperature must be a number in [0, 2], got {temperature!r}")
         if instruction_filter is not None and not callable(instruction_filter):
             raise TypeError("instruction_filter must be a callable taking the instruction text")
 
         self.metric = metric
-        self.prompt_model = resolve_lm(prompt_model, role="prompt_model")
+        if isinstance(prompt_model, str):  # built for its meta-prompt family: a small model gets a text LM
+            check_model_string(prompt_model)
+            self.prompt_model, _ = optimizer_model(prompt_model, family=meta_prompt, max_tokens=None)
+        else:
+            self.prompt_model = resolve_lm(prompt_model, role="prompt_model")
         self.task_model = resolve_lm(task_model, role="task_model")
+        self.auto = auto
         self.num_steps = num_steps
         self.candidates_per_step = candidates_per_step
         self.max_instructions_in_prompt = max_instructions_in_prompt
@@ -170,6 +240,7 @@ class OPRO(Teleprompter):
         self.num_threads = num_threads
         self.max_errors = max_errors
         self.max_metric_calls = max_metric_calls
+        self.max_full_evals = max_full_evals
         self.seed = seed
         self.log_dir = log_dir
         self.track_stats = track_stats
@@ -179,35 +250,199 @@ class OPRO(Teleprompter):
         self.task_description = task_description
         self.screening = bool(screening)
         self.show_progress = show_progress
+        self.verbose = bool(verbose)
 
     # ------------------------------------------------------------------ compile
     def compile(
-        self, student: dspy.Module, *, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example] | None = None
+        self,
+        student: dspy.Module,
+        *,
+        trainset: Sequence[dspy.Example],
+        teacher: dspy.Module | None = None,
+        valset: Sequence[dspy.Example] | None = None,
+        eval_kwargs: Mapping[str, Any] | None = None,
+        num_trials: int | None = None,
+        seed: int | None = None,
+        minibatch: bool | None = None,
+        requires_permission_to_run: bool | None = None,
+        max_bootstrapped_demos: int | None = None,
+        max_labeled_demos: int | None = None,
+        **dspy_kwargs: Any,
     ) -> dspy.Module:
         """Optimize the instructions of ``student``.
+
+        Before the first metric call every model gets one cheap set-up request
+        (`dspy_opro.preflight`): a model that cannot work (no or wrong API key, unknown model,
+        no permission, rejected request) stops the run at once with `ModelCheckError`.
 
         Args:
             student: The program. It is not modified; a new program is returned.
             trainset: Examples (with inputs marked by ``with_inputs``) that candidates are
-                scored on.
+                scored on. One or two examples work, but give coarse scores (a warning says so);
+                a few dozen is typical.
+            teacher: Accepted as ``None`` only: OPRO bootstraps no demonstrations.
             valset: Optional held-out examples. When given, the ``num_final_candidates`` best
                 candidates by training score, and the best starting instruction, are re-scored
                 on it and the best there is returned. Without it the best training score wins;
                 training scores tend to overstate held-out accuracy (by 5-20 points in the OPRO
                 paper), so pass a valset when you can. No split of ``trainset`` is ever made silently.
+            eval_kwargs: COPRO's settings for `dspy.Evaluate`: ``num_threads``,
+                ``display_progress`` (the progress bar) and ``max_errors`` apply to this call;
+                ``display_table`` and ``provide_traceback`` have no effect; others are refused.
+            num_trials: MIPROv2's budget: at most ``(num_trials + 1) x len(trainset)`` metric
+                calls for the search plus validating the finalists. Not with ``auto``,
+                ``max_metric_calls`` or ``max_full_evals``.
+            seed: This call's seed (MIPROv2); default: the optimizer's.
+            minibatch: This call's ``screening`` (MIPROv2); default: the optimizer's.
+            requires_permission_to_run: ``True`` shows the plan and its cost in calls and asks
+                on stdin before anything is spent; anything but "y" raises `RunDeclinedError`.
+            max_bootstrapped_demos: Accepted as 0 (or None) only: OPRO optimizes instructions.
+            max_labeled_demos: Likewise.
+            **dspy_kwargs: Other MIPROv2 ``compile`` arguments: accepted where harmless, refused
+                with the reason otherwise (see `dspy_opro.compat`).
 
         Returns:
             A copy of ``student`` whose predictors carry the chosen instructions.
         """
-        run = _Run(self, student, list(trainset), None if valset is None else list(valset))
-        return run.execute()
+        named = {
+            "teacher": teacher,
+            "num_trials": num_trials,
+            "minibatch": minibatch,
+            "max_bootstrapped_demos": max_bootstrapped_demos,
+            "max_labeled_demos": max_labeled_demos,
+        }
+        known = tuple(name for name in inspect.signature(OPRO.compile).parameters if name not in ("self",))
+        aliases = compat.translate(compat.COMPILE, {**named, **dspy_kwargs}, known=known)
+        if eval_kwargs is not None and not isinstance(eval_kwargs, Mapping):
+            raise TypeError(f"eval_kwargs must be a dict of dspy.Evaluate settings, got {type(eval_kwargs).__name__}")
+        aliases.update(compat.translate(compat.EVAL_KWARGS, dict(eval_kwargs or {}), known=()))
+        if seed is not None:
+            aliases["seed"] = ("seed", seed)
+        trainset = list(trainset)
+        valset = None if valset is None else list(valset)
+        opt = self._for_run({target: value for target, (_, value) in aliases.items()}, trainset, valset)
+        with _verbose_logging(opt.verbose):
+            run = _Run(opt, student, trainset, valset)
+            if requires_permission_to_run:
+                run.confirm()
+            run.check_models()
+            return run.execute()
+
+    def _for_run(self, overrides: dict[str, Any], trainset: list, valset: list | None) -> OPRO:
+        """The settings of one compile call: this optimizer with the call's overrides, its resolved
+        meta-prompt family and its metric-call budget."""
+        opt = copy.copy(self)
+        trials = overrides.pop("max_metric_calls", None)
+        for name, value in overrides.items():
+            if name in _INT_OVERRIDES:
+                _check_int(name, value, minimum=_INT_OVERRIDES[name])
+            setattr(opt, name, value if name in _INT_OVERRIDES else bool(value))
+        n_train, n_val = len(trainset), len(valset or [])
+        if trials is not None:
+            _check_int("num_trials", trials, minimum=1)
+            fixed = [name for name in ("auto", "max_metric_calls", "max_full_evals") if getattr(self, name) is not None]
+            if fixed:
+                raise ValueError(
+                    f"num_trials={trials} and {fixed[0]}={getattr(self, fixed[0])!r} both set the budget; pass one"
+                )
+            opt.max_metric_calls = compat.trials_budget(trials, n_train, n_val, self.num_final_candidates)
+        elif self.auto is not None:
+            opt.max_metric_calls = compat.AUTO_PRESETS[self.auto].budget(n_train, n_val)
+        elif self.max_full_evals is not None:
+            opt.max_metric_calls = compat.full_evals_budget(self.max_full_evals, n_train, n_val)
+        if opt.max_metric_calls is not None:
+            opt.max_metric_calls = max(1, opt.max_metric_calls)
+        if self.meta_prompt == "auto":
+            prompt_lm = self.prompt_model or dspy.settings.lm
+            opt.meta_prompt = meta_prompt_family(prompt_lm) if prompt_lm is not None else "chat"
+        return opt
 
     def get_params(self) -> dict[str, Any]:
-        """The optimizer's settings; LM objects are shown by model name only."""
-        params = dict(self.__dict__)
-        for key in ("prompt_model", "task_model"):
-            params[key] = lm_name(params[key])
-        return params
+        """The constructor arguments under OPRO's names, LM objects included.
+
+        ``OPRO(**optimizer.get_params())`` builds an optimizer with the same settings (the same
+        ``dspy.LM`` objects, with their ``api_base``, ``temperature``, ``max_tokens``, ...).
+        Arguments given under COPRO's, MIPROv2's or GEPA's names appear under OPRO's.
+        """
+        return {name: getattr(self, name) for name in _own_arguments()}
+
+
+_INT_OVERRIDES = {"num_threads": 1, "max_errors": 0, "seed": None}  # per-call settings and their minimum
+_DEFAULTS = {
+    "num_steps": 20,
+    "candidates_per_step": 8,
+    "num_exemplars": 3,
+    "temperature": 1.0,
+    "num_final_candidates": 5,
+}
+
+
+@functools.cache
+def _own_arguments() -> tuple[str, ...]:
+    parameters = inspect.signature(OPRO.__init__).parameters.values()
+    return tuple(p.name for p in parameters if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD)
+
+
+def _check_metric_argument(metric: Any) -> None:
+    if isinstance(metric, dspy.BaseLM):
+        raise TypeError(
+            "OPRO's first argument is the metric, but a language model was given. COPRO takes (prompt_model, metric) "
+            "in that order; pass them by name: OPRO(metric=my_metric, prompt_model=lm)"
+        )
+    if not callable(metric):
+        raise TypeError(f"metric must be callable as metric(example, prediction), got {type(metric).__name__}")
+    compat.metric_caller(metric)  # raises if it takes neither DSPy's nor GEPA's arguments
+
+
+def _apply_preset(auto: str | None, given: dict[str, Any], *, max_metric_calls, max_full_evals) -> None:
+    budgets = [
+        f"{name}={value!r}"
+        for name, value in (("auto", auto), ("max_metric_calls", max_metric_calls), ("max_full_evals", max_full_evals))
+        if value is not None
+    ]
+    if len(budgets) > 1:
+        raise ValueError(
+            f"{' and '.join(budgets)} all set the budget; pass one of auto, max_metric_calls, max_full_evals"
+        )
+    if auto is None:
+        return
+    if auto not in compat.AUTO_PRESETS:
+        raise ValueError(f"auto must be one of {tuple(compat.AUTO_PRESETS)} or None, got {auto!r}")
+    preset = compat.AUTO_PRESETS[auto]
+    for name in ("num_steps", "candidates_per_step", "num_final_candidates"):
+        wanted = getattr(preset, name)
+        if given.get(name) is not None and given[name] != wanted:
+            raise ValueError(
+                f"auto={auto!r} sets {name}={wanted}, but {name}={given[name]!r} was given; pass auto=None to set "
+                f"{name} yourself (with max_metric_calls or max_full_evals for a budget)"
+            )
+        given[name] = wanted
+
+
+@contextlib.contextmanager
+def _verbose_logging(verbose: bool):
+    """``verbose=True``: the package logs at DEBUG for the call, to stderr if nothing would show it."""
+    if not verbose:
+        yield
+        return
+    package = logging.getLogger(__name__.split(".")[0])
+    level = package.level
+    handler = None
+    if not package.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        package.setLevel(level)
+        if handler is not None:
+            package.removeHandler(handler)
+
+
+class RunDeclinedError(RuntimeError):
+    """``compile(requires_permission_to_run=True)`` was not confirmed."""
 
 
 def _check_int(name: str, value: Any, *, minimum: int | None) -> None:
@@ -217,12 +452,9 @@ def _check_int(name: str, value: Any, *, minimum: int | None) -> None:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
-def _check_examples(name: str, examples: list, *, minimum: int) -> None:
-    if len(examples) < minimum:
-        raise ValueError(
-            f"{name} has {len(examples)} example(s); OPRO needs at least {minimum} to tell instructions apart "
-            "(a few dozen is typical: scores are averages over the set)"
-        )
+def _check_examples(name: str, examples: list) -> None:
+    if not examples:
+        raise ValueError(f"{name} has 0 examples; pass at least one (a few dozen is typical: scores are averages)")
     for i, example in enumerate(examples):
         if not isinstance(example, dspy.Example):
             raise TypeError(f"{name}[{i}] is a {type(example).__name__}, not a dspy.Example")
@@ -254,9 +486,16 @@ class _Run:
                 "the program has no predictors (dspy.Predict, dspy.ChainOfThought, ...), so it has no "
                 "instructions to optimize"
             )
-        _check_examples("trainset", trainset, minimum=MIN_TRAINSET_SIZE)
+        _check_examples("trainset", trainset)
         if valset is not None:
-            _check_examples("valset", valset, minimum=1)
+            _check_examples("valset", valset)
+        if len(trainset) < MIN_TRAINSET_SIZE:
+            logger.warning(
+                "trainset has %d example(s): every score is one of %s, so most instructions will tie; a few dozen "
+                "examples tell instructions apart",
+                len(trainset),
+                " / ".join(f"{100 * k / len(trainset):g}" for k in range(len(trainset) + 1)),
+            )
         self.trainset, self.valset = trainset, valset
         self.predictors = dict(student.named_predictors())
         self.initial = self._initial_instructions()
@@ -273,6 +512,7 @@ class _Run:
                 "no task model: pass OPRO(task_model=...) (a dspy.LM or a litellm model string) or "
                 "call dspy.configure(lm=...) first"
             )
+        self.metric = compat.metric_caller(opt.metric)
         self._check_metric()
 
         self.num_threads = opt.num_threads or dspy.settings.num_threads or 1
@@ -285,7 +525,7 @@ class _Run:
         self.task_counter = CallCounter(self.counts.task, forward_to=dspy.settings.usage_tracker)
         self.prompt_counter = CallCounter(self.counts.prompt, forward_to=dspy.settings.usage_tracker)
         self.scorer = Scorer(
-            opt.metric,
+            self.metric,
             task_lm=opt.task_model,
             num_threads=self.num_threads,
             max_errors=max_errors,
@@ -293,8 +533,35 @@ class _Run:
             counter=self.task_counter,
         )
         self.budget_exhausted = False
+        self.model_check = CheckReport()
 
     # ------------------------------------------------------------ set-up checks
+    def check_models(self) -> None:
+        """One cheap request per model before any metric call; a model that cannot work stops here.
+
+        Skipped for a finished run reloaded from ``log_dir``, which calls no model.
+        """
+        if self.state.selection is not None and self.state.completed_steps >= self.opt.num_steps:
+            return
+        models = [("prompt_model", self.prompt_lm)]
+        if any(getattr(p, "lm", None) is None for p in self.predictors.values()):
+            models.append(("task_model", self.task_lm))
+        models += [(f"predictor {name!r}", p.lm) for name, p in self.predictors.items() if getattr(p, "lm", None)]
+        self.model_check = check_models(models, num_threads=self.num_threads)
+
+    def confirm(self) -> None:
+        """Show the plan and its cost, and go on only if the user answers "y" on stdin."""
+        plan = self.plan_text()
+        try:
+            answer = input(f"{plan}\nStart the run? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            raise RunDeclinedError(
+                "the run was not confirmed, nothing was spent; pass requires_permission_to_run=False (the default) "
+                "to run without asking"
+            )
+
     def _initial_instructions(self) -> dict[str, list[str]]:
         spec = self.opt.initial_instructions
         current = {name: p.signature.instructions for name, p in self.predictors.items()}
@@ -328,7 +595,7 @@ class _Run:
         if not len(labels):
             return
         try:
-            value = self.opt.metric(example, dspy.Prediction(**labels.toDict()))
+            value = self.metric(example, dspy.Prediction(**labels.toDict()))
         except Exception as exc:  # metrics may legitimately need fields a gold label lacks
             logger.debug("metric check on a gold prediction raised %r; checking again while scoring", exc)
             return
@@ -427,32 +694,29 @@ class _Run:
         return self._result(chosen)
 
     def _log_plan(self) -> None:
+        logger.info("%s", self.plan_text())
+
+    def plan_text(self) -> str:
+        """The run's plan and its cost in calls: what ``requires_permission_to_run`` shows and the log states."""
         n_train, opt = len(self.trainset), self.opt
         initial = sum(len(v) for v in self.initial.values()) - (len(self.names) - 1)
         per_step = opt.candidates_per_step * n_train
         validation = min(self.num_finalists, 1 + opt.num_steps * opt.candidates_per_step) * len(self.valset or [])
         total = initial * n_train + opt.num_steps * per_step + validation
-        logger.info(
-            "OPRO plan: %d predictor(s), %d training and %d validation examples, %d threads. "
-            "Initial instructions: %d x %d = %d metric calls. Each step: %d prompt-model calls, then up to "
-            "%d new candidates x %d examples = %d metric calls. %d steps: at most %d metric calls in total%s "
-            "(about %d task-model calls per metric call)%s.",
-            len(self.names),
-            n_train,
-            len(self.valset or []),
-            self.num_threads,
-            initial,
-            n_train,
-            initial * n_train,
-            opt.candidates_per_step,
-            opt.candidates_per_step,
-            n_train,
-            per_step,
-            opt.num_steps,
-            total,
-            f", capped at max_metric_calls={opt.max_metric_calls}" if opt.max_metric_calls else "",
-            len(self.names),
-            "; screening stops scoring hopeless candidates early, so usually far fewer" if opt.screening else "",
+        if opt.max_metric_calls:
+            total = min(total, opt.max_metric_calls)
+        checks = 2 if len({id(self.prompt_lm), id(self.task_lm)}) == 2 else 1
+        return (
+            f"OPRO plan: {len(self.names)} predictor(s), {n_train} training and {len(self.valset or [])} validation "
+            f"examples, {self.num_threads} threads, {opt.meta_prompt!r} meta-prompt. Initial instructions: {initial} x "
+            f"{n_train} = {initial * n_train} metric calls. Each step: {opt.candidates_per_step} prompt-model calls, "
+            f"then up to {opt.candidates_per_step} new candidates x {n_train} examples = {per_step} metric calls. "
+            f"{opt.num_steps} steps: at most {total} metric calls in total"
+            f"{f' (max_metric_calls={opt.max_metric_calls})' if opt.max_metric_calls else ''}"
+            f"{', usually far fewer: screening stops scoring hopeless candidates early' if opt.screening else ''}. "
+            f"Cost: at most {opt.num_steps * opt.candidates_per_step} prompt-model calls and about "
+            f"{total * len(self.names)} task-model calls ({len(self.names)} per metric call), plus at most {checks} "
+            "set-up check call(s)."
         )
 
     @property
@@ -494,8 +758,10 @@ class _Run:
     ) -> list[Evaluation]:
         programs = [self._program(config) for config in configs]
         if not screened:
-            return self.scorer.evaluate(programs, self.trainset, capture_traces=True)
-        return screen(
+            return self._report(
+                programs, self.trainset, self.scorer.evaluate(programs, self.trainset, capture_traces=True)
+            )
+        evaluations = screen(
             self.scorer,
             programs,
             self.trainset,
@@ -503,6 +769,16 @@ class _Run:
             order=example_order(len(self.trainset), self.opt.seed),
             max_calls=max_calls,
         )
+        return self._report(programs, self.trainset, evaluations)
+
+    def _report(
+        self, programs: list[dspy.Module], examples: list, evaluations: list[Evaluation], *, validation: bool = False
+    ) -> list[Evaluation]:
+        """Fire DSPy's evaluate callbacks for a finished scoring pass (see `dspy_opro.events`)."""
+        report_evaluations(
+            programs, examples, evaluations, metric=self.opt.metric, num_threads=self.num_threads, validation=validation
+        )
+        return evaluations
 
     def _add(self, step: int, predictor: str, config: dict[str, str], evaluation: Evaluation) -> Candidate:
         candidate = Candidate(
@@ -700,7 +976,10 @@ class _Run:
                 logger.warning("max_metric_calls leaves no room to validate %d finalist(s)", len(skipped))
         if todo:
             programs = [self._program(c.instructions) for c in todo]
-            for candidate, evaluation in zip(todo, self.scorer.evaluate(programs, self.valset), strict=True):
+            evaluations = self._report(
+                programs, self.valset, self.scorer.evaluate(programs, self.valset), validation=True
+            )
+            for candidate, evaluation in zip(todo, evaluations, strict=True):
                 candidate.val_score = evaluation.score
         validated = [c for c in finalists if c.val_score is not None]
         chosen = max(validated, key=lambda c: (c.val_score, c.score, -c.id)) if validated else self.state.best
@@ -726,7 +1005,11 @@ class _Run:
             key=lambda c: (c.val_score if c.val_score is not None else -1.0, c.score),
             reverse=True,
         )
-        program.candidate_programs = [chosen.summary()] + [c.summary() for c in others]
+        # Each entry also carries its program, as COPRO's and MIPROv2's do (a list of dicts, so the programs
+        # never become predictors of the returned program).
+        program.candidate_programs = [
+            {**c.summary(), "program": self._program(c.instructions)} for c in [chosen, *others]
+        ]
         program.trial_logs = [asdict(s) for s in self.state.steps]
         program.trajectory = [
             {
@@ -737,6 +1020,7 @@ class _Run:
             }
             for s in self.state.steps
         ]
-        program.call_counts = self.counts.as_dict()
+        program.call_counts = {**self.counts.as_dict(), "preflight": self.model_check.as_dict()}
+        program.total_calls = self.counts.metric_calls  # COPRO's and MIPROv2's name for the metric calls spent
         program.score = chosen.val_score if chosen.val_score is not None else chosen.score
         return program

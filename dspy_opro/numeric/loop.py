@@ -26,7 +26,15 @@ import dspy
 from tqdm.auto import tqdm
 
 from dspy_opro.history import Checkpoint, digest
-from dspy_opro.models import CallCounter, CallStats, lm_name, optimizer_model, resolve_lm, sample_replies
+from dspy_opro.models import (
+    CallCounter,
+    CallStats,
+    lm_name,
+    meta_prompt_family,
+    optimizer_model,
+    resolve_lm,
+    sample_replies,
+)
 
 from .problem import STYLES, InvalidProposal, Problem, Scored, render_meta_prompt
 
@@ -244,9 +252,11 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
 
 
 def resolve_style(style: str, lm: Any) -> str:
-    """``"auto"`` becomes ``"base"`` for a text-completion LM and ``"chat"`` otherwise."""
+    """``"auto"`` becomes the style `dspy_opro.models.meta_prompt_family` picks for ``lm`` (the rule
+    instruction OPRO uses too): ``"base"`` for the embedded local models and text-completion LMs,
+    ``"chat"`` otherwise."""
     if style == "auto":
-        return "base" if getattr(lm, "model_type", None) == "text" else "chat"
+        return meta_prompt_family(lm)
     if style not in STYLES:
         raise ValueError(f"style must be 'auto' or one of {STYLES}, got {style!r}")
     return style
@@ -312,8 +322,10 @@ def optimize(
         max_shown: How many of the best solutions the meta-prompt shows; the problem's
             ``default_max_shown`` by default (the paper: 20 for regression, 10 for TSP).
         style: ``"chat"`` (instruction-tuned models), ``"base"`` (pretrained or tiny models,
-            as a plain text completion), or ``"auto"``: ``"base"`` for a text-completion LM
-            (``model_type="text"``, e.g. `dspy_opro.local.text_lm`), ``"chat"`` otherwise.
+            as a plain text completion), or ``"auto"``: `dspy_opro.models.meta_prompt_family`'s
+            choice, ``"base"`` for the embedded local models and text-completion LMs
+            (``model_type="text"``, e.g. `dspy_opro.local.text_lm`), ``"chat"`` otherwise. A model
+            string for ``"base"`` becomes a text-completion LM.
         stop_at_optimum: Stop after the step in which a proposal reaches ``problem.optimum``.
         max_calls: Hard cap on replies sampled over the whole run (resumed runs included).
         seed: Seeds the samples' rollout ids; with DSPy's cache on, a rerun repeats the run.
@@ -341,7 +353,12 @@ def optimize(
     _check_int("seed", seed, minimum=-(2**63))
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
         raise ValueError(f"temperature must be a number in [0, 2], got {temperature!r}")
-    lm = resolve_lm(prompt_model, role="prompt_model") or dspy.settings.lm
+    if style not in ("auto", *STYLES):
+        raise ValueError(f"style must be 'auto' or one of {STYLES}, got {style!r}")
+    if isinstance(prompt_model, str):  # built for its style: the embedded models get a text-completion LM
+        lm, style = optimizer_model(prompt_model, family=style, max_tokens=None)
+    else:
+        lm = resolve_lm(prompt_model, role="prompt_model") or dspy.settings.lm
     if lm is None:
         raise ValueError("no prompt model: pass prompt_model=... (a dspy.LM or a litellm model string)")
 
