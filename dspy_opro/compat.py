@@ -248,7 +248,7 @@ REFUSED: tuple[Foreign, ...] = (
         "failure_score",
         INIT,
         "GEPA",
-        "OPRO never scores a failed example: it counts it as a failure against max_errors",
+        "OPRO has one failure policy (failed examples count against max_errors), not a failure score to set",
     ),
     Foreign("failure_score", EVAL_KWARGS, "COPRO", "as for GEPA's failure_score (see max_errors)"),
     *(Foreign(name, INIT, "GEPA", _TRACKERS) for name in ("use_wandb", "wandb_api_key", "wandb_init_kwargs")),
@@ -318,7 +318,8 @@ def translate(where: str, given: Mapping[str, Any], *, known: tuple[str, ...] = 
                     f"Accepted: {name}={entry.accepted}."
                 )
         elif key in _NO_EFFECT:
-            logger.warning("%s=%r has no effect in OPRO: %s.", name, value, _NO_EFFECT[key].reason)
+            if value:  # a false value asks for nothing, which is what OPRO does
+                logger.warning("%s=%r has no effect in OPRO: %s.", name, value, _NO_EFFECT[key].reason)
         else:
             entry = _REFUSED[key]
             raise ValueError(f"{name} ({entry.sources}) is not supported by OPRO: {entry.reason}.")

@@ -170,19 +170,19 @@ _NOT_INSTRUCTION_FIELDS = {"completed", "reasoning", "rationale"}
 _DSPY_MARKER_INSIDE = re.compile(r"^\s*##.*##\s*$", re.DOTALL)
 
 
-def _from_fields(reply: str) -> str | None:
-    """The content of the instruction field of a reply in DSPy's field layout, read like a reply itself."""
+def _field_content(reply: str) -> str | None:
+    """The content of the instruction field of a reply in DSPy's field layout (``None`` if it has none).
+
+    The field named like an instruction wins, else the first field that is not DSPy's ``completed``
+    marker or a reasoning field; an empty string when the reply has fields but none holds text.
+    """
     parts = _FIELD_MARKER.split(reply)
     if len(parts) < 3:
         return None
     fields = [(name.strip().lower(), content.strip()) for name, content in zip(parts[1::2], parts[2::2], strict=True)]
     named = [content for name, content in fields if "instruction" in name and content]
     others = [content for name, content in fields if name not in _NOT_INSTRUCTION_FIELDS and content]
-    for content in named or others[:1]:
-        found = _from_tags(content) or content.split("\n\n")[0].strip()
-        if found:
-            return found
-    return None
+    return (named or others or [""])[0]
 
 
 def _from_json(reply: str) -> str | None:
@@ -248,15 +248,20 @@ def extract_instruction(family: str, reply: str | None) -> str | None:
     if not reply or not reply.strip():
         return None
     if family == "chat":
-        order = (_from_fields, _from_json, _from_tags, _from_brackets, _from_bare_reply)
+        order = (_from_json, _from_tags, _from_brackets, _from_bare_reply)
     elif family == "paper":
-        order = (_from_fields, _from_json, _from_brackets, _from_tags, _from_bare_reply)
+        order = (_from_json, _from_brackets, _from_tags, _from_bare_reply)
     elif family == "base":
         order = (_from_tags, _from_completion)
     else:
         raise ValueError(f"meta_prompt must be one of {FAMILIES}, got {family!r}")
+    field = _field_content(reply) if family != "base" else None
+    if field is not None:  # read the field as the whole reply; its first paragraph if no format matches
+        reply = field
     for reader in order:
         found = reader(reply)
         if found:
             return found
+    if field:
+        return field.split("\n\n")[0].strip() or None
     return None

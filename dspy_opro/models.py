@@ -109,7 +109,7 @@ def optimizer_model(
     Returns:
         The LM and the resolved family.
     """
-    from .local import local_lm, text_lm
+    from .local import is_generator, local_lm, text_lm
 
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"the prompt model must be a litellm model string such as 'local/smollm2', got {spec!r}")
@@ -120,7 +120,8 @@ def optimizer_model(
     model_type = "text" if family == "base" else "chat"
     capped = LOCAL_MAX_TOKENS if max_tokens is None else max_tokens
     if is_local_model(spec):
-        return local_lm(spec, model_type=model_type, max_tokens=capped), family
+        generator = is_generator(spec.split("/", 1)[1])  # a Python generator has no model file to check
+        return local_lm(spec, model_type=model_type, max_tokens=capped, check=not generator), family
     if family == "base":
         check_model_string(spec)
         return text_lm(spec, max_tokens=capped), family

@@ -56,3 +56,23 @@ def test_length_limit_and_extra_filter():
     no_digits = lambda text: not any(ch.isdigit() for ch in text)  # noqa: E731
     assert rejection_reason("Use 3 steps.", extra_filter=no_digits) == "filtered"
     assert rejection_reason("Use three steps.", extra_filter=no_digits) is None
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("Use the INS marker to begin.", "placeholder"),  # the reference's INS check
+        ("Read the INSTRUCTIONS below, then answer.", None),  # the word, not a part of one
+        ("[[ ## proposed_instruction ## ]]", "markup"),
+        ("[[ ## completed ## ]]", "markup"),
+        ("## output ##", "markup"),
+        ("[ ## answer ## ]", "markup"),
+        ("### Instruction", "markup"),
+        ("## Task\n### Steps", "markup"),
+        ('{"proposed_instruction": "Be precise."}', "markup"),
+        ("## Steps\nRead the question, then answer with a number.", None),  # a heading over real text is text
+        ("Answer in the form #1, #2 and so on.", None),
+    ],
+)
+def test_non_instructions_are_rejected(text, reason):
+    assert rejection_reason(text) == reason

@@ -134,3 +134,44 @@ def test_paper_extraction(reply, expected):
 )
 def test_base_extraction(reply, expected):
     assert extract_instruction("base", reply) == expected
+
+
+# Replies as chat models write them when they have seen DSPy's adapters: field markers, JSON, headers.
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        (
+            "[[ ## proposed_instruction ## ]]\nRead the question, then answer with the number only.\n\n"
+            "[[ ## completed ## ]]",
+            "Read the question, then answer with the number only.",
+        ),
+        (
+            "[[ ## reasoning ## ]]\nThe best instruction so far is short; add the format.\n\n"
+            "[[ ## proposed_instruction ## ]]\n<INS>Answer with the number only.</INS>\n\n[[ ## completed ## ]]",
+            "Answer with the number only.",
+        ),
+        (
+            "[[ ## new_prompt ## ]]\nCount carefully, then answer.\n\n[[ ## completed ## ]]",
+            "Count carefully, then answer.",
+        ),
+        ("[[ ## proposed_instruction ## ]]\n\n[[ ## completed ## ]]", None),
+        ("[[ ## completed ## ]]", None),  # fields, none with text: nothing to read
+        ('{"proposed_instruction": "Answer with a single number."}', "Answer with a single number."),
+        ('{"reasoning": "short", "proposed_instruction": "Be exact."}', "Be exact."),
+        ('{"a": "x", "b": "y"}', '{"a": "x", "b": "y"}'),  # not DSPy's layout: a bare line, rejected as markup
+        ("[[ ## proposed_instruction ## ]]\n[Take a deep breath.]\n\n[[ ## completed ## ]]", "Take a deep breath."),
+        ("[[ ## proposed_instruction ## ]]\nLine one.\nLine two.\n\n[[ ## completed ## ]]", "Line one.\nLine two."),
+    ],
+)
+def test_dspy_layouts_are_read_for_their_instruction(reply, expected):
+    assert extract_instruction("chat", reply) == expected
+    assert extract_instruction("paper", reply) == expected
+
+
+def test_markup_never_reaches_scoring():
+    from dspy_opro.candidates import normalize_instruction, rejection_reason
+
+    replies = ["[[ ## completed ## ]]", "## output ##", '{"a": "x", "b": "y"}', "[[ ## output ## ]]\n## answer ##"]
+    for reply in replies:
+        found = extract_instruction("chat", reply)
+        assert found is None or rejection_reason(normalize_instruction(found)) in ("markup", "placeholder"), reply
