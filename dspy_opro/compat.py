@@ -46,76 +46,65 @@ FEW_SHOT_ADVICE = (
 
 
 @dataclass(frozen=True)
-class Alias:
-    """Another optimizer's name for one OPRO argument.
+class Entry:
+    """One of another optimizer's argument names, at one place.
 
     Attributes:
         name: The argument as the other optimizer spells it.
-        target: The OPRO argument it sets.
         where: `INIT` (constructor), `COMPILE` or `EVAL_KWARGS` (a key of COPRO's ``eval_kwargs``).
         sources: The optimizers that use the name.
-        meaning: How OPRO reads it, for errors and the README table.
     """
 
     name: str
-    target: str
     where: str
     sources: str
+
+
+@dataclass(frozen=True)
+class Alias(Entry):
+    """Another optimizer's name for one OPRO argument: ``target``, read as ``meaning`` says."""
+
+    target: str
     meaning: str = ""
 
 
 @dataclass(frozen=True)
-class Neutral:
+class Neutral(Entry):
     """An argument accepted only in the value that asks nothing of OPRO.
 
     Attributes:
-        name: The argument.
-        where: `INIT`, `COMPILE` or `EVAL_KWARGS`.
-        sources: The optimizers that use it.
         accepts: Whether a value is the accepted one.
         accepted: The accepted values, in words.
         reason: Why other values are refused, and what to do instead.
     """
 
-    name: str
-    where: str
-    sources: str
     accepts: Callable[[Any], bool]
     accepted: str
     reason: str
 
 
 @dataclass(frozen=True)
-class Foreign:
-    """An argument with no OPRO setting: harmless (`NO_EFFECT`) or refused (`REFUSED`).
+class Foreign(Entry):
+    """An argument with no OPRO setting, harmless (`NO_EFFECT`) or refused (`REFUSED`); ``reason`` says
+    why it has no effect, or why it is refused and what to use instead."""
 
-    Attributes:
-        name: The argument.
-        where: `INIT`, `COMPILE` or `EVAL_KWARGS`.
-        sources: The optimizers that use it.
-        reason: Why it has no effect, or why it is refused and what to use instead.
-    """
-
-    name: str
-    where: str
-    sources: str
     reason: str
 
 
 ALIASES: tuple[Alias, ...] = (
-    Alias("breadth", "candidates_per_step", INIT, "COPRO", "new candidates per step"),
-    Alias("depth", "num_steps", INIT, "COPRO", "optimization steps (each step changes one predictor)"),
-    Alias("init_temperature", "temperature", INIT, "COPRO, MIPROv2", "sampling temperature of the prompt model"),
-    Alias("num_candidates", "candidates_per_step", INIT, "MIPROv2", "instruction candidates proposed per step"),
-    Alias("reflection_lm", "prompt_model", INIT, "GEPA", "the model that proposes instructions"),
-    Alias("reflection_minibatch_size", "num_exemplars", INIT, "GEPA", "training examples shown to the prompt model"),
+    Alias("breadth", INIT, "COPRO", "candidates_per_step", "new candidates per step"),
+    Alias("depth", INIT, "COPRO", "num_steps", "optimization steps (each step changes one predictor)"),
+    Alias("init_temperature", INIT, "COPRO, MIPROv2", "temperature", "sampling temperature of the prompt model"),
+    Alias("num_candidates", INIT, "MIPROv2", "candidates_per_step", "instruction candidates proposed per step"),
+    Alias("reflection_lm", INIT, "GEPA", "prompt_model", "the model that proposes instructions"),
+    Alias("reflection_minibatch_size", INIT, "GEPA", "num_exemplars", "training examples shown to the prompt model"),
     Alias(
-        "num_trials", "max_metric_calls", COMPILE, "MIPROv2", "budget: (num_trials + 1) x len(trainset) + validation"
+        "num_trials", COMPILE, "MIPROv2", "max_metric_calls", "budget: (num_trials + 1) x len(trainset) + validation"
     ),
-    Alias("minibatch", "screening", COMPILE, "MIPROv2", "score new candidates on growing minibatches first"),
-    Alias("num_threads", "num_threads", EVAL_KWARGS, "COPRO", "threads for scoring and sampling"),
-    Alias("display_progress", "show_progress", EVAL_KWARGS, "COPRO", "show the progress bar"),
-    Alias("max_errors", "max_errors", EVAL_KWARGS, "COPRO", "failed examples tolerated per candidate"),
+    Alias("minibatch", COMPILE, "MIPROv2", "screening", "score new candidates on growing minibatches first"),
+    Alias("num_threads", EVAL_KWARGS, "COPRO", "num_threads", "threads for scoring and sampling"),
+    Alias("display_progress", EVAL_KWARGS, "COPRO", "show_progress", "show the progress bar"),
+    Alias("max_errors", EVAL_KWARGS, "COPRO", "max_errors", "failed examples tolerated per candidate"),
 )
 
 _ZERO_DEMOS = "0 or None"

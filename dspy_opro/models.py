@@ -17,8 +17,24 @@ from dspy.utils.callback import BaseCallback
 logger = logging.getLogger(__name__)
 
 
+def _served_by_dspy(model: str) -> bool:
+    """Whether DSPy's own client routes ``model`` (offline; no litellm import, no call)."""
+    try:
+        from dspy.clients.backend_selection import select_backend
+
+        return select_backend(dspy.LM(model)).native
+    except Exception:  # an internal DSPy change, or a string DSPy refuses: let litellm judge it
+        return False
+
+
 def check_model_string(model: str) -> None:
-    """Raise a clear `ValueError` if litellm cannot route ``model``; spends no LM call."""
+    """Raise a clear `ValueError` if neither DSPy's client nor litellm can route ``model``; spends no LM call.
+
+    DSPy's own routing is asked first: importing litellm takes seconds, which a model DSPy serves
+    natively never needs.
+    """
+    if _served_by_dspy(model):
+        return
     import litellm
 
     quiet = litellm.suppress_debug_info
@@ -27,7 +43,7 @@ def check_model_string(model: str) -> None:
         litellm.get_llm_provider(model)
     except Exception as exc:
         raise ValueError(
-            f"Unknown model {model!r}: litellm cannot tell which provider serves it. Use "
+            f"Unknown model {model!r}: neither DSPy nor litellm can tell which provider serves it. Use "
             "'<provider>/<model>', e.g. 'openai/gpt-4o-mini', 'anthropic/claude-3-5-haiku-latest', "
             "'ollama_chat/llama3', or 'local/smollm2' for the embedded model, or pass a dspy.LM."
         ) from exc

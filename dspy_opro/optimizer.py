@@ -39,7 +39,6 @@ from .history import Candidate, Checkpoint, RunState, StepRecord, digest
 from .meta_prompt import BASE_STOP, FAMILIES, Exemplar, extract_instruction, render_meta_prompt
 from .models import (
     CallCounter,
-    check_model_string,
     lm_name,
     meta_prompt_family,
     optimizer_model,
@@ -223,7 +222,6 @@ class OPRO(Teleprompter):
 
         self.metric = metric
         if isinstance(prompt_model, str):  # built for its meta-prompt family: a small model gets a text LM
-            check_model_string(prompt_model)
             self.prompt_model, _ = optimizer_model(prompt_model, family=meta_prompt, max_tokens=None)
         else:
             self.prompt_model = resolve_lm(prompt_model, role="prompt_model")
@@ -705,7 +703,8 @@ class _Run:
         total = initial * n_train + opt.num_steps * per_step + validation
         if opt.max_metric_calls:
             total = min(total, opt.max_metric_calls)
-        checks = 2 if len({id(self.prompt_lm), id(self.task_lm)}) == 2 else 1
+        models = [self.prompt_lm, self.task_lm, *(getattr(p, "lm", None) for p in self.predictors.values())]
+        checks = len({id(lm) for lm in models if lm is not None})
         return (
             f"OPRO plan: {len(self.names)} predictor(s), {n_train} training and {len(self.valset or [])} validation "
             f"examples, {self.num_threads} threads, {opt.meta_prompt!r} meta-prompt. Initial instructions: {initial} x "

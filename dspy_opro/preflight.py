@@ -13,10 +13,12 @@ means:
   check logs a warning and the run goes on under its own retry policy.
 
 Checked: every `dspy.LM` whose connection DSPy or this package owns (a model string, a
-``dspy.LM("provider/model", ...)``, `dspy_opro.local.text_lm`). Not checked: LMs with a custom
-engine object and other `dspy.BaseLM` subclasses (`dspy.utils.DummyLM`, scripted test LMs, a
-user's own client), which run user code whose behaviour a probe cannot predict, and whose
-scripted replies a probe would consume.
+``dspy.LM("provider/model", ...)``, `dspy_opro.local.text_lm`, a local GGUF model). Not checked:
+LMs with a custom engine object, other `dspy.BaseLM` subclasses (`dspy.utils.DummyLM`, scripted
+test LMs, a user's own client) and Python functions served with
+`dspy_opro.local.register_generator`: they run user code whose answer to a generic request a
+probe cannot predict (a generator may accept its own task's prompts only), and whose scripted
+replies a probe would consume.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ from typing import Any
 import dspy
 
 from .faults import FATAL, PROGRAM, TRANSIENT, classify, describe
-from .models import CallCounter, CallStats, lm_name
+from .models import CallCounter, CallStats, is_local_model, lm_name
 
 logger = logging.getLogger(__name__)
 
 PROBE_PROMPT = "Reply with the word OK."
-PROBE_MAX_TOKENS = 8
+PROBE_MAX_TOKENS = 16  # room for providers that refuse very small limits; a reply is one word
 PROBE_TIMEOUT_S = 60.0
 
 _FIXES = (
@@ -74,9 +76,15 @@ class CheckReport:
 
 
 def is_checkable(lm: Any) -> bool:
-    """Whether the check probes ``lm``: a `dspy.LM` whose connection DSPy or this package owns."""
+    """Whether the check probes ``lm``: a `dspy.LM` whose connection DSPy or this package owns, other
+    than a Python generator served as ``local/<name>`` (user code that may answer its own task only)."""
     if not isinstance(lm, dspy.LM):
         return False
+    if is_local_model(lm):
+        from .local import is_generator
+
+        if is_generator(lm.model.split("/", 1)[1]):
+            return False
     engine = lm.engine
     if isinstance(engine, str):
         return True

@@ -79,6 +79,8 @@ def test_missing_key_of_a_model_string(monkeypatch):
 
 
 def test_missing_key_through_litellm_is_fast_too(monkeypatch):
+    import litellm  # noqa: F401  (imported before the clock starts: the import alone can take seconds)
+
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     lm = dspy.LM("openai/gpt-4o-mini", engine="litellm", cache=False)  # litellm would retry this for seconds
     error, seconds = timed_failure(OPRO(CountingMetric(), prompt_model=lm, task_model=task_lm()))
@@ -121,7 +123,7 @@ def test_a_working_setup_spends_one_counted_check_per_model(server):
     )
     assert score.calls == program.call_counts["metric_calls"] > 0
     checks = [r for r in server.requests if "Reply with the word OK." in r.text]
-    assert len(checks) == 1 and checks[0].body.get("max_tokens", checks[0].body.get("max_completion_tokens")) == 8
+    assert len(checks) == 1 and checks[0].body.get("max_tokens", checks[0].body.get("max_completion_tokens")) == 16
     counts = program.call_counts
     assert counts["preflight"]["calls"] == 1 and counts["preflight"]["errors"] == 0
     assert counts["preflight"]["models"] == ["openai/good-model"]
@@ -155,3 +157,25 @@ def test_what_is_checked():
     assert not is_checkable(DummyLM([{"answer": "1"}])) and not is_checkable(task_lm())
     report = check_models([("prompt_model", DummyLM([{"answer": "1"}])), ("task_model", None)])
     assert report.stats.calls == 0 and report.skipped == ["dummy"]
+
+
+def test_a_local_model_whose_file_is_missing_stops_the_run(tmp_path):
+    missing = tmp_path / "missing.gguf"
+    score = CountingMetric()
+    error, seconds = timed_failure(OPRO(score, prompt_model=ScriptedOptimizer().lm(), task_model=f"local/{missing}"))
+    assert "GGUF model file not found" in str(error) and error.role == "task_model"
+    assert seconds < 10 and score.calls == 0
+
+
+def test_a_served_python_generator_is_not_probed():
+    from dspy_opro.local import register_generator, unregister_generator
+
+    def only_its_own_task(request):
+        raise ValueError("this model answers list prompts only")
+
+    register_generator("own-task-only", only_its_own_task)
+    try:
+        assert not is_checkable(dspy.LM("local/own-task-only"))
+        assert check_models([("task_model", dspy.LM("local/own-task-only"))]).skipped == ["local/own-task-only"]
+    finally:
+        unregister_generator("own-task-only")
