@@ -30,7 +30,7 @@ from typing import Any
 
 import dspy
 
-from .faults import FATAL, PROGRAM, TRANSIENT, classify, describe, retry_after
+from .faults import FATAL, TRANSIENT, classify, describe, retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +132,10 @@ class Outcome:
         return f"{self.where} raised {describe(self.error)}" if self.error is not None else "ok"
 
 
-def model_name(exc: BaseException | None, fallback: str | None) -> str:
-    """The model named by a DSPy LM error, else ``fallback``."""
+def model_name(exc: BaseException | None, known: str | None) -> str:
+    """The failing model: ``known`` (the model string OPRO was given), else the one a DSPy LM error names."""
     name = getattr(exc, "model", None)
-    return str(name) if isinstance(name, str) and name else (fallback or "the configured LM")
+    return known or (str(name) if isinstance(name, str) and name else "the configured LM")
 
 
 def retries_of(lm: Any) -> int:
@@ -210,15 +210,17 @@ def run_jobs(
     lms: Iterable[Any] = (),
     on_retry=None,
     backoff: Backoff | None = None,
+    stop_on_fatal: bool = True,
     name: str = "opro",
 ) -> list[Outcome | None]:
     """Run ``jobs`` in a thread pool, each through `attempt`.
 
     ``on_outcome(i, outcome)`` is called in this thread as each job ends; when it returns True the
     pool stops: jobs not yet started are dropped (their outcome stays ``None``), running ones end
-    (a retry wait ends at once) and are still reported. An exception from ``on_outcome`` stops the
-    pool the same way and propagates. Each job runs in a copy of this thread's context, so DSPy
-    settings (``dspy.context``) reach the workers.
+    (a retry wait ends at once) and are still reported. With ``stop_on_fatal`` a ``FATAL`` failure
+    stops the pool the same way from the worker that met it, before another job can start. An
+    exception from ``on_outcome`` stops the pool and propagates. Each job runs in a copy of this
+    thread's context, so DSPy settings (``dspy.context``) reach the workers.
 
     Args:
         jobs: Callables taking no argument.
@@ -228,6 +230,7 @@ def run_jobs(
         lms: The LMs the jobs call (see `finish_lazy_imports`).
         on_retry: Called (in the worker) before each retry.
         backoff: The waits; `BACKOFF` by default.
+        stop_on_fatal: See above.
         name: Thread name prefix.
 
     Returns:
@@ -239,25 +242,31 @@ def run_jobs(
     finish_lazy_imports(lms)
     stop = threading.Event()
     schedule = backoff or BACKOFF
+
+    def work(job: Callable[[], Any]) -> Outcome | None:
+        if stop.is_set():
+            return None
+        outcome = attempt(job, retries=retries, backoff=schedule, stop=stop, on_retry=on_retry)
+        if stop_on_fatal and outcome.kind == FATAL:
+            stop.set()
+        return outcome
+
     pool = ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(jobs))), thread_name_prefix=name)
     try:
-        futures = {}
-        for i, job in enumerate(jobs):
-            run = contextvars.copy_context().run
-            future = pool.submit(run, attempt, job, retries=retries, backoff=schedule, stop=stop, on_retry=on_retry)
-            futures[future] = i
+        futures = {pool.submit(contextvars.copy_context().run, work, job): i for i, job in enumerate(jobs)}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                if future.cancelled():
+                if future.cancelled() or future.result() is None:
                     continue
                 i = futures[future]
                 outcomes[i] = future.result()
-                if on_outcome(i, outcomes[i]) and not stop.is_set():
+                if on_outcome(i, outcomes[i]):
                     stop.set()
-                    for other in pending:
-                        other.cancel()
+            if stop.is_set():
+                for other in pending:
+                    other.cancel()
     except BaseException:
         stop.set()
         raise
@@ -269,9 +278,6 @@ def run_jobs(
 __all__ = [
     "BACKOFF",
     "Backoff",
-    "FATAL",
-    "PROGRAM",
-    "TRANSIENT",
     "JobError",
     "Outcome",
     "PromptModelError",

@@ -94,9 +94,6 @@ def lm_name(lm: dspy.BaseLM | None) -> str | None:
     return None if lm is None else str(getattr(lm, "model", type(lm).__name__))
 
 
-CALL_OUTCOMES = ("ok", "cached", "failed")
-
-
 @dataclass
 class CallStats:
     """Model calls and tokens of one role (task model or prompt model).

@@ -28,9 +28,10 @@ import dspy
 from dspy.teleprompt import Teleprompter
 from tqdm.auto import tqdm
 
-from .calls import TRANSIENT, PromptModelError, RunStoppedError, TaskFailureError, retries_of, run_jobs, without_retries
+from .calls import PromptModelError, RunStoppedError, TaskFailureError, retries_of, run_jobs, without_retries
 from .candidates import DEFAULT_MAX_LENGTH, dedup_key, normalize_instruction, rejection_reason
 from .exemplars import EXEMPLAR_STRATEGIES, select_exemplars
+from .faults import TRANSIENT
 from .history import LEDGER_NAME, Candidate, Checkpoint, PendingStep, RunState, StepRecord, digest
 from .meta_prompt import BASE_STOP, FAMILIES, Exemplar, extract_instruction, render_meta_prompt
 from .models import CallCounter, CallLedger, lm_name, resolve_lm, sample_one

@@ -12,8 +12,8 @@ from typing import Any
 
 import dspy
 
-from .calls import FATAL, PROGRAM, Backoff, JobError, Outcome, TaskFailureError, model_name, run_jobs
-from .faults import OUTPUT, classify
+from .calls import Backoff, JobError, Outcome, TaskFailureError, model_name, run_jobs
+from .faults import FATAL, OUTPUT, PROGRAM, classify
 from .models import CallCounter, Counts, lm_name
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,212 @@
+"""OPRO under provider faults, over real HTTP through litellm to the loopback server (127.0.0.1).
+
+Each scenario checks the contract of `dspy_opro.calls`: a run either returns what a run without
+faults returns, or stops with a clear error after saving everything that succeeded; the rerun
+with the same log_dir sends no request for work that succeeded and reaches the same result; the
+reported counts are the server's. DSPy's cache is off unless a test says otherwise, so that the
+server's log is the whole truth.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+
+import dspy
+import http_task
+import pytest
+from http_task import is_prompt, make_opro, make_set, outcome
+from openai_server import Fault, FaultPlan
+
+from dspy_opro.calls import PromptModelError, RunStoppedError, TaskFailureError
+
+TRAIN, VAL = make_set(9), make_set(4, offset=40)
+FAST = dict(retries=1, max_errors=3)  # a dead server is given up on after few requests
+
+
+DOWN = Fault("status", status=503)
+
+
+class Outage:
+    """From the ``after``-th request on, every request fails with ``fault`` until `end` is called."""
+
+    def __init__(self, after: int, fault: Fault = DOWN):
+        self.after, self.fault = after, fault
+        self.seen, self.on = 0, True
+        self._lock = threading.Lock()
+
+    def __call__(self, request):
+        with self._lock:
+            self.seen += 1
+            hit = self.on and self.seen > self.after
+        return self.fault if hit else None
+
+    def end(self):
+        self.on = False
+
+
+def answered(requests) -> Counter:
+    """The requests answered: task calls by (instruction, question); prompt calls all as "prompt"."""
+    keys = Counter()
+    for r in requests:
+        if r.succeeded:
+            keys["prompt" if is_prompt(r) else (http_task.instruction_of(r), http_task.question_of(r))] += 1
+    return keys
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    """The run without faults: its outcome and what the server answered."""
+    with http_task.server() as server:
+        program = make_opro(server.url, **FAST).compile(dspy.Predict("question -> answer"), trainset=TRAIN, valset=VAL)
+        log = list(server.requests)
+    first_prompt = next(r.index for r in log if is_prompt(r))
+    return {
+        "outcome": outcome(program),
+        "answered": answered(log),
+        "requests": len(log),
+        "first_prompt": first_prompt,
+        "counts": program.call_counts,
+    }
+
+
+def test_the_baseline_climbs_and_validates(baseline):
+    assert baseline["outcome"]["chosen"] == ("Answer number only.", 100.0, 100.0)
+    assert baseline["outcome"]["best_per_step"] == [0.0, 200 / 3, 100.0]
+    assert baseline["counts"]["task_lm"]["errors"] == 0 and baseline["answered"]["prompt"] == 8
+
+
+@pytest.mark.parametrize("where", ["initial scoring", "proposing", "screening", "validation"])
+def test_an_outage_stops_the_run_and_the_rerun_redoes_only_what_failed(baseline, tmp_path, where):
+    after = {
+        "initial scoring": 5,
+        "proposing": baseline["first_prompt"] + 2,  # two of step 1's four samples answered, two not
+        "screening": baseline["first_prompt"] + 4 + 10,
+        "validation": baseline["requests"] - 3,  # the last requests are the two finalists on the valset
+    }[where]
+    plan = Outage(after)
+    with http_task.server() as server:
+        server.plan = plan
+        with pytest.raises(RunStoppedError) as stopped:
+            make_opro(server.url, log_dir=str(tmp_path), **FAST).compile(
+                dspy.Predict("question -> answer"), trainset=TRAIN, valset=VAL
+            )
+        error = stopped.value
+        expected = (
+            (PromptModelError, "openai/prompt-model")
+            if where == "proposing"
+            else (TaskFailureError, "openai/task-model")
+        )
+        assert isinstance(error, expected[0]) and repr(expected[1]) in str(error)
+        assert "injected fault" in str(error) and error.saved_to == str(tmp_path / "opro_history.json")
+        saved = json.loads((tmp_path / "opro_history.json").read_text())
+        assert saved["pending"] is not None or where == "validation"
+        first_run = len(server.requests)
+
+        plan.end()
+        program = make_opro(server.url, log_dir=str(tmp_path), **FAST).compile(
+            dspy.Predict("question -> answer"), trainset=TRAIN, valset=VAL
+        )
+        assert outcome(program) == baseline["outcome"]
+        # Nothing answered in the first run was asked again: together the runs got exactly the baseline's answers.
+        first, second = answered(server.requests[:first_run]), answered(server.requests[first_run:])
+        assert not (set(first) & set(second)) - {"prompt"}
+        assert first + second == baseline["answered"]
+        counts = program.call_counts
+        assert counts["task_lm"]["requests"] + counts["prompt_lm"]["requests"] == len(server.requests)
+        assert counts["task_lm"]["succeeded"] + counts["prompt_lm"]["succeeded"] == server.count(succeeded=True)
+
+
+QUOTA = Fault(
+    "status", status=429, message="You exceeded your current quota, please check your plan and billing details."
+)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault("status", status=s) for s in (401, 403, 404, 400)] + [QUOTA],
+    ids=["401", "403", "404", "400", "quota"],
+)
+def test_an_error_retrying_cannot_fix_stops_the_run_at_once_after_saving(tmp_path, fault):
+    with http_task.server() as server:
+        server.plan = Outage(3, fault)
+        with pytest.raises(TaskFailureError, match="task model 'openai/task-model' failed with an error that retrying"):
+            make_opro(server.url, log_dir=str(tmp_path)).compile(dspy.Predict("question -> answer"), trainset=TRAIN)
+        # At once: the failing request, and at most the three others already in flight; none was retried.
+        assert server.count(succeeded=False) <= 4 and server.count() <= 3 + 4
+    pending = json.loads((tmp_path / "opro_history.json").read_text())["pending"]
+    assert pending["step"] == 0 and sum(s is not None for s in pending["evaluations"][0]["scores"]) >= 3
+
+
+def test_after_a_quota_runs_out_the_resumed_run_is_the_run_that_never_stopped(baseline, tmp_path):
+    plan = Outage(baseline["first_prompt"] + 6, QUOTA)
+    with http_task.server() as server:
+        server.plan = plan
+        with pytest.raises(TaskFailureError, match="quota"):
+            make_opro(server.url, log_dir=str(tmp_path), **FAST).compile(
+                dspy.Predict("question -> answer"), trainset=TRAIN, valset=VAL
+            )
+        plan.end()  # the quota is topped up
+        program = make_opro(server.url, log_dir=str(tmp_path), **FAST).compile(
+            dspy.Predict("question -> answer"), trainset=TRAIN, valset=VAL
+        )
+    assert outcome(program) == baseline["outcome"]
+    assert answered(server.requests) == baseline["answered"]
+
+
+class Mixed:
+    """A share of the requests fails, cycling through every kind of fault."""
+
+    FAULTS = [
+        Fault("status", status=429, retry_after=0.01),
+        Fault("status", status=500),
+        Fault("status", status=503),
+        Fault("reset"),
+        Fault("malformed"),
+        Fault("stall", seconds=1.0),  # past the client's 0.5 s timeout
+        Fault("empty"),
+    ]
+
+    def __init__(self, share: float, seed: int = 0):
+        self.plan = FaultPlan(Fault("status"), share=share, seed=seed)
+        self.k = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, request):
+        if self.plan(request) is None:
+            return None
+        with self._lock:
+            self.k += 1
+            return self.FAULTS[self.k % len(self.FAULTS)]
+
+
+def test_call_counts_are_what_the_server_saw(tmp_path):
+    with http_task.server() as server:
+        server.plan = Mixed(share=0.3, seed=2)
+        try:
+            program = make_opro(server.url, log_dir=str(tmp_path), retries=3, timeout=0.5).compile(
+                dspy.Predict("question -> answer"), trainset=TRAIN
+            )
+            counts = program.call_counts
+        except RunStoppedError:  # a rare whole-round failure: the counts are then the saved ones
+            counts = json.loads((tmp_path / "opro_history.json").read_text())["counts"]
+        log = list(server.requests)
+    kinds = Counter(r.fault.kind if r.fault else "none" for r in log)
+    assert all(kinds[k] for k in ("status", "reset", "malformed", "stall", "empty"))  # every kind was injected
+    for role, model in (("task_lm", http_task.TASK_MODEL), ("prompt_lm", http_task.PROMPT_MODEL)):
+        seen = [r for r in log if r.body.get("model") == model]
+        answered_ = [r for r in seen if r.succeeded]
+        mine = counts[role]
+        assert mine["requests"] == len(seen) and mine["calls"] == len(seen) and mine["cache_hits"] == 0
+        assert mine["succeeded"] == len(answered_) and mine["errors"] == len(seen) - len(answered_)
+        assert mine["failed"] == ({"transient": mine["errors"]} if mine["errors"] else {})
+        assert mine["error_types"].get("LMRateLimitError", 0) == sum(r.status == 429 for r in seen)
+        assert mine["error_types"].get("LMTimeoutError", 0) == sum(
+            r.fault is not None and r.fault.kind == "stall" and not r.delivered for r in seen
+        )
+        assert mine["prompt_tokens"] == sum(r.prompt_tokens for r in answered_)
+        assert mine["completion_tokens"] == sum(r.completion_tokens for r in answered_)
+        assert mine["retries"] <= mine["errors"]
+    # A request that timed out reports no usage to the client; the provider may still bill its prompt.
+    assert sum(r.prompt_tokens for r in log if not r.delivered) > 0
