@@ -232,6 +232,7 @@ class Scorer:
         *,
         capture_traces: bool = False,
         known: Sequence[Evaluation | None] | None = None,
+        numbers: Sequence[int] | None = None,
     ) -> list[Evaluation]:
         """Score every program on every example; results in the order of ``programs``.
 
@@ -241,7 +242,9 @@ class Scorer:
             capture_traces: Record each predictor's inputs per example.
             known: Per program, results measured before (by a run that stopped): examples with a
                 score are not run again, the others are.
+            numbers: The examples' numbers in the caller's set, for messages (their positions by default).
         """
+        numbers = list(numbers) if numbers is not None else list(range(len(examples)))
         n = len(examples)
         results = []
         for p in range(len(programs)):
@@ -261,6 +264,7 @@ class Scorer:
                 if outcome.ok:
                     score, trace = outcome.value
                     result.scores[j] = score
+                    result.failed.discard(j)
                     if trace is not None and result.traces is not None:
                         result.traces[j] = trace
                     self.counts.metric_calls += 1
@@ -270,7 +274,7 @@ class Scorer:
                 result.failures += 1
                 result.strikes += 1
                 self.counts.task_failures += 1
-                result.first_error = result.first_error or f"example {j}: {outcome.describe()}"
+                result.first_error = result.first_error or f"example {numbers[j]}: {outcome.describe()}"
                 result.last_error = outcome.error
                 (result.program_errors if outcome.kind == PROGRAM else result.failed).add(j)
                 if outcome.kind == FATAL or result.strikes > self.max_errors:
@@ -290,9 +294,11 @@ class Scorer:
             )
             failed = [(todo[i], o) for i, o in enumerate(outcomes) if o is not None and not o.ok]
             if stop:
-                raise self._stopped(results, n, *stop["why"])
+                p, j, last = stop["why"]
+                raise self._stopped(results, p, numbers[j], last)
             if failed and len(failed) == sum(o is not None for o in outcomes):
-                raise self._stopped(results, n, *failed[-1][0], failed[-1][1], whole_round=len(failed))
+                (p, j), last = failed[-1]
+                raise self._stopped(results, p, numbers[j], last, whole_round=len(failed))
             todo = [(p, j) for (p, j), outcome in failed if outcome.kind != PROGRAM]
             if todo:
                 logger.warning(
@@ -301,7 +307,7 @@ class Scorer:
         return results
 
     def _stopped(
-        self, results: list[Evaluation], n: int, p: int, j: int, outcome: Outcome, *, whole_round: int = 0
+        self, results: list[Evaluation], p: int, j: int, outcome: Outcome, *, whole_round: int = 0
     ) -> TaskFailureError:
         result = results[p]
         model = model_name(outcome.error, lm_name(self.task_lm))
@@ -321,7 +327,7 @@ class Scorer:
             )
         else:
             message = (
-                f"{result.strikes} of {n} examples failed while scoring one candidate, more than "
+                f"{result.strikes} failed runs while scoring one candidate, more than "
                 f"max_errors={self.max_errors}. First failure: {result.first_error}. Last: {last}. Check the task "
                 f"model {model!r} (API key, rate limits, model name) and the metric; raise max_errors to tolerate "
                 "more failures."

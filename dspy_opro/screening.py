@@ -115,7 +115,11 @@ def screen(
         before = [_round_input(results[i], known[i] if known else None, chunk) for i in alive]
         try:
             evaluations = scorer.evaluate(
-                [programs[i] for i in alive], [examples[j] for j in chunk], capture_traces=True, known=before
+                [programs[i] for i in alive],
+                [examples[j] for j in chunk],
+                capture_traces=True,
+                known=before,
+                numbers=chunk,
             )
         except TaskFailureError as stop:
             for i, evaluation in zip(alive, stop.partial, strict=True):

@@ -96,7 +96,7 @@ def make_opro(url: str, *, retries: int = 2, timeout: float = 1.0, cache: bool =
         prompt_model=prompt,
         task_model=task,
         num_steps=2,
-        candidates_per_step=4,
+        candidates_per_step=3,
         num_threads=4,
         initial_instructions="Answer.",
         num_final_candidates=2,

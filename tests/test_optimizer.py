@@ -285,9 +285,9 @@ def test_faults_in_both_models_are_counted_and_the_run_goes_on():
         return chat_reply({"answer": answer_for(question, instruction_of(call))})
 
     optimizer = ScriptedOptimizer(fail_every=3, garbage_every=4)
-    program = opro(optimizer, task_model=scripted_lm(flaky, model="scripted/task"), max_errors=100, num_steps=3).compile(
-        dspy.Predict("question -> answer"), trainset=make_trainset(12)
-    )
+    program = opro(
+        optimizer, task_model=scripted_lm(flaky, model="scripted/task"), max_errors=100, num_steps=3
+    ).compile(dspy.Predict("question -> answer"), trainset=make_trainset(12))
     counts = program.call_counts
     assert counts["prompt_lm"]["errors"] == 3 * 3  # 8 replies take calls 0-10 of each prompt; 2, 5 and 8 fail
     assert 0 < counts["prompt_lm"]["retries"] <= counts["prompt_lm"]["errors"]

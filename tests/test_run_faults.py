@@ -74,15 +74,15 @@ def baseline():
 def test_the_baseline_climbs_and_validates(baseline):
     assert baseline["outcome"]["chosen"] == ("Answer number only.", 100.0, 100.0)
     assert baseline["outcome"]["best_per_step"] == [0.0, 200 / 3, 100.0]
-    assert baseline["counts"]["task_lm"]["errors"] == 0 and baseline["answered"]["prompt"] == 8
+    assert baseline["counts"]["task_lm"]["errors"] == 0 and baseline["answered"]["prompt"] == 2 * 3
 
 
 @pytest.mark.parametrize("where", ["initial scoring", "proposing", "screening", "validation"])
 def test_an_outage_stops_the_run_and_the_rerun_redoes_only_what_failed(baseline, tmp_path, where):
     after = {
         "initial scoring": 5,
-        "proposing": baseline["first_prompt"] + 2,  # two of step 1's four samples answered, two not
-        "screening": baseline["first_prompt"] + 4 + 10,
+        "proposing": baseline["first_prompt"] + 2,  # two of step 1's three samples answered, one not
+        "screening": baseline["first_prompt"] + 3 + 10,
         "validation": baseline["requests"] - 3,  # the last requests are the two finalists on the valset
     }[where]
     plan = Outage(after)
@@ -164,7 +164,7 @@ class Mixed:
         Fault("status", status=503),
         Fault("reset"),
         Fault("malformed"),
-        Fault("stall", seconds=1.0),  # past the client's 0.5 s timeout
+        Fault("stall", seconds=0.8),  # past the client's 0.4 s timeout
         Fault("empty"),
     ]
 
@@ -185,7 +185,7 @@ def test_call_counts_are_what_the_server_saw(tmp_path):
     with http_task.server() as server:
         server.plan = Mixed(share=0.3, seed=2)
         try:
-            program = make_opro(server.url, log_dir=str(tmp_path), retries=3, timeout=0.5).compile(
+            program = make_opro(server.url, log_dir=str(tmp_path), retries=3, timeout=0.4).compile(
                 dspy.Predict("question -> answer"), trainset=TRAIN
             )
             counts = program.call_counts
@@ -210,3 +210,122 @@ def test_call_counts_are_what_the_server_saw(tmp_path):
         assert mine["retries"] <= mine["errors"]
     # A request that timed out reports no usage to the client; the provider may still bill its prompt.
     assert sum(r.prompt_tokens for r in log if not r.delivered) > 0
+
+
+def test_with_the_cache_on_a_resume_still_asks_only_for_what_failed_and_hits_are_counted_apart(
+    baseline, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(dspy, "cache", dspy.clients.cache.Cache(True, True, str(tmp_path / "cache"), 10**8, 10**5))
+    plan = Outage(baseline["first_prompt"] + 6)
+    with http_task.server() as server:
+        server.plan = plan
+        with pytest.raises(TaskFailureError):
+            make_opro(server.url, log_dir=str(tmp_path / "run"), cache=True, **FAST).compile(
+                dspy.Predict("question -> answer"), trainset=TRAIN, valset=VAL
+            )
+        plan.end()
+        resumed = make_opro(server.url, log_dir=str(tmp_path / "run"), cache=True, **FAST).compile(
+            dspy.Predict("question -> answer"), trainset=TRAIN, valset=VAL
+        )
+        assert outcome(resumed) == baseline["outcome"] and answered(server.requests) == baseline["answered"]
+        counts = resumed.call_counts
+        assert counts["task_lm"]["requests"] + counts["prompt_lm"]["requests"] == len(server.requests)
+        assert counts["task_lm"]["cache_hits"] == counts["prompt_lm"]["cache_hits"] == 0  # nothing was asked twice
+        sent = len(server.requests)
+
+        # A new run of the same settings is answered from the cache alone: no request, every call a hit.
+        again = make_opro(server.url, log_dir=str(tmp_path / "again"), cache=True, **FAST).compile(
+            dspy.Predict("question -> answer"), trainset=TRAIN, valset=VAL
+        )
+        assert len(server.requests) == sent and outcome(again) == baseline["outcome"]
+        for role in ("task_lm", "prompt_lm"):
+            stats = again.call_counts[role]
+            assert stats["requests"] == stats["prompt_tokens"] == 0 and stats["cache_hits"] == stats["calls"] > 0
+
+
+def _flaky_once(questions: set[str], *, skip: str = "Answer."):
+    """A plan failing (HTTP 500) the first request of each (instruction, question) pair for ``questions``."""
+    seen, lock = set(), threading.Lock()
+
+    def plan(request):
+        if is_prompt(request):
+            return None
+        key = (http_task.instruction_of(request), http_task.question_of(request))
+        with lock:
+            first = key not in seen
+            seen.add(key)
+        return Fault("status", status=500) if first and key[1] in questions and key[0] != skip else None
+
+    return plan
+
+
+def test_max_errors_counts_the_failures_of_every_screening_round(tmp_path):
+    from dspy_opro.screening import example_order
+
+    train = make_set(17)  # screening rounds of 8, 8 and 1 examples
+    order = example_order(len(train), 0)
+    # Two failures in each of the first two rounds: never more than max_errors=3 in one round, four in all.
+    flaky = {train[j].question for j in (order[0], order[1], order[8], order[9])}
+    settings = dict(retries=0, num_steps=1, candidates_per_step=1)
+    with http_task.server() as server:
+        server.plan = _flaky_once(flaky)
+        with pytest.raises(TaskFailureError, match="4 failed runs while scoring one candidate, more than max_errors=3"):
+            make_opro(server.url, max_errors=3, log_dir=str(tmp_path), **settings).compile(
+                dspy.Predict("question -> answer"), trainset=train
+            )
+    with http_task.server() as server:  # the same faults, tolerated: the failed examples are run again, not scored 0
+        server.plan = _flaky_once(flaky)
+        program = make_opro(server.url, max_errors=4, **settings).compile(
+            dspy.Predict("question -> answer"), trainset=train
+        )
+    proposed = next(c for c in program.candidate_programs if c["step"] == 1)
+    assert proposed["instruction"] == "Answer number." and proposed["score"] == pytest.approx(100 * 12 / 17)
+    assert proposed["evaluated"] == 17 and proposed["failures"] == 4
+
+
+def test_sixty_percent_server_errors_give_the_fault_free_result_or_a_resumable_error(tmp_path):
+    settings = dict(retries=3, num_steps=1, candidates_per_step=2)
+    with http_task.server() as server:
+        clean = make_opro(server.url, **settings).compile(dspy.Predict("question -> answer"), trainset=TRAIN)
+    with http_task.server() as server:
+        server.plan = FaultPlan(Fault("status", status=500), share=0.6, seed=3)
+        for _ in range(6):  # each stop saves its work; the next compile goes on from there
+            try:
+                program = make_opro(server.url, log_dir=str(tmp_path), **settings).compile(
+                    dspy.Predict("question -> answer"), trainset=TRAIN
+                )
+                break
+            except RunStoppedError as stop:
+                assert "500" in str(stop) and stop.saved_to is not None
+        else:
+            pytest.fail("six compiles did not finish the run")
+    assert outcome(program) == outcome(clean)
+    assert all(c["failures"] >= 0 and c["evaluated"] == len(TRAIN) for c in program.candidate_programs)
+    assert program.call_counts["task_lm"]["errors"] == server.count(succeeded=False) - sum(
+        1 for r in server.requests if is_prompt(r) and not r.succeeded
+    )
+
+
+def test_counts_after_a_resume_include_the_calls_made_after_the_last_save(tmp_path):
+    calls, interrupt_at = [0], 30
+
+    def metric(example, prediction, trace=None):  # interrupts the run in the middle of step 1
+        calls[0] += 1
+        if calls[0] == interrupt_at:
+            raise KeyboardInterrupt
+        return http_task.metric(example, prediction)
+
+    with http_task.server() as server:
+        with pytest.raises(KeyboardInterrupt):
+            opro = make_opro(server.url, log_dir=str(tmp_path))
+            opro.metric = metric
+            opro.compile(dspy.Predict("question -> answer"), trainset=TRAIN)
+        saved = json.loads((tmp_path / "opro_history.json").read_text())["counts"]
+        assert saved["task_lm"]["requests"] < server.count()  # the history alone misses the calls since its save
+        program = make_opro(server.url, log_dir=str(tmp_path)).compile(
+            dspy.Predict("question -> answer"), trainset=TRAIN
+        )
+        counts = program.call_counts
+        assert counts["task_lm"]["requests"] + counts["prompt_lm"]["requests"] == server.count()
+        assert counts["task_lm"]["succeeded"] + counts["prompt_lm"]["succeeded"] == server.count(succeeded=True)
+        assert counts["task_lm"]["prompt_tokens"] == sum(r.prompt_tokens for r in server.requests if not is_prompt(r))
