@@ -329,3 +329,114 @@ def test_counts_after_a_resume_include_the_calls_made_after_the_last_save(tmp_pa
         assert counts["task_lm"]["requests"] + counts["prompt_lm"]["requests"] == server.count()
         assert counts["task_lm"]["succeeded"] + counts["prompt_lm"]["succeeded"] == server.count(succeeded=True)
         assert counts["task_lm"]["prompt_tokens"] == sum(r.prompt_tokens for r in server.requests if not is_prompt(r))
+
+
+def test_a_retry_waits_as_long_as_retry_after_says_within_the_longest_wait(monkeypatch):
+    from dspy_opro import calls
+
+    with http_task.server() as server:
+        lm = dspy.LM(
+            f"openai/{http_task.PROMPT_MODEL}",
+            api_base=server.url,
+            api_key="k",
+            engine="litellm",
+            cache=False,
+            num_retries=0,
+        )
+        monkeypatch.setattr(calls, "BACKOFF", calls.Backoff(first=0.001, max_delay=5.0, jitter=0.0))
+        server.plan = FaultPlan(Fault("status", status=429, retry_after=0.4), first=1)
+        done = calls.attempt(lambda: lm("hi"), retries=2, backoff=calls.BACKOFF, stop=threading.Event())
+        assert done.ok and done.attempts == 2
+        assert server.requests[1].received - server.requests[0].received >= 0.4
+        # A provider asking for a minute gets the longest wait instead.
+        server.plan = FaultPlan(Fault("status", status=429, retry_after=60), first=1)
+        short = calls.Backoff(first=0.001, max_delay=0.2, jitter=0.0)
+        done = calls.attempt(lambda: lm("hi again"), retries=2, backoff=short, stop=threading.Event())
+        assert done.ok and 0.2 <= server.requests[3].received - server.requests[2].received < 5
+
+
+def test_an_empty_or_unreadable_reply_is_a_wrong_answer_not_a_failure():
+    from dspy_opro.models import CallCounter, Counts
+    from dspy_opro.scoring import Scorer
+
+    with http_task.server() as server:
+        task, _ = http_task.lms(server.url)
+        wanted = TRAIN[0].question
+        server.plan = lambda r: Fault("empty") if http_task.question_of(r) == wanted else None
+        counts = Counts()
+        scorer = Scorer(
+            http_task.metric, task_lm=task, num_threads=4, max_errors=0, counts=counts, counter=CallCounter(counts.task)
+        )
+        program = dspy.Predict("question -> answer")
+        program.signature = program.signature.with_instructions("Answer number only.")
+        [evaluation] = scorer.evaluate([program], TRAIN)
+    assert evaluation.complete and evaluation.scores[0] == 0.0 and evaluation.scores[1:] == [1.0] * (len(TRAIN) - 1)
+    # ChatAdapter's empty reply, then JSONAdapter's: two answered requests, no failure.
+    assert counts.task.errors == 0 and counts.task.requests == len(TRAIN) + 1 == server.count(succeeded=True)
+
+
+KILLED_CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+import dspy
+from http_task import make_opro, make_set
+make_opro({url!r}, log_dir={log_dir!r}, num_steps=6, timeout=5.0).compile(
+    dspy.Predict("question -> answer"), trainset=make_set(9)
+)
+"""
+
+
+@pytest.mark.slow
+def test_after_kill_9_the_counts_include_the_killed_process_calls(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    history = tmp_path / "opro_history.json"
+    with http_task.server() as server:
+        server.plan = lambda request: Fault("stall", seconds=0.05)  # slow enough to be killed mid-step
+        code = KILLED_CHILD.format(tests=os.path.dirname(__file__), url=server.url, log_dir=str(tmp_path))
+        child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.getcwd()})
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline:
+                if history.exists() and len(json.loads(history.read_text())["steps"]) >= 2:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the child run never finished step 1")
+            sent = server.count()
+            while server.count() < sent + 5:  # well into step 2
+                time.sleep(0.01)
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+        saved = json.loads(history.read_text())["counts"]
+        before_resume = server.count()
+        assert saved["task_lm"]["requests"] + saved["prompt_lm"]["requests"] < before_resume
+
+        server.plan = None
+        program = make_opro(server.url, log_dir=str(tmp_path), num_steps=6).compile(
+            dspy.Predict("question -> answer"), trainset=make_set(9)
+        )
+        counts = program.call_counts
+        ours = counts["task_lm"]["requests"] + counts["prompt_lm"]["requests"]
+        in_flight = counts["task_lm"]["interrupted"] + counts["prompt_lm"]["interrupted"]
+        assert ours <= server.count() <= ours + in_flight
+        assert counts["task_lm"]["succeeded"] + counts["prompt_lm"]["succeeded"] <= server.count(succeeded=True)
+
+
+def test_a_fatal_error_of_the_prompt_model_stops_the_run_at_once(baseline, tmp_path):
+    with http_task.server() as server:
+        server.plan = Outage(
+            baseline["first_prompt"], Fault("status", status=401, message="Incorrect API key provided.")
+        )
+        with pytest.raises(
+            PromptModelError, match="prompt model 'openai/prompt-model' failed with an error that retrying"
+        ):
+            make_opro(server.url, log_dir=str(tmp_path)).compile(dspy.Predict("question -> answer"), trainset=TRAIN)
+        assert server.count(succeeded=False) <= 3  # at most the samples already in flight
+    saved = json.loads((tmp_path / "opro_history.json").read_text())
+    assert [s["step"] for s in saved["steps"]] == [0] and saved["pending"]["replies"] == [None] * 3
