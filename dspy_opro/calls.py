@@ -75,6 +75,7 @@ class RunStoppedError(RuntimeError):
         kind: The `dspy_opro.faults` kind of the last failure.
         last_error: A one-line description of the last failure.
         saved_to: The history file holding the work done, once the run saved it.
+        unsaved: True when the run had no ``log_dir`` to save its work in.
     """
 
     def __init__(
@@ -86,9 +87,12 @@ class RunStoppedError(RuntimeError):
         self.kind = kind
         self.last_error = last_error
         self.saved_to: str | None = None
+        self.unsaved = False
         self.partial: Any = None  # what the stopped pass had measured, for the run to save
 
     def __str__(self) -> str:
+        if self.unsaved:
+            return f"{self.message} Nothing was saved: with log_dir set, a rerun would go on from here."
         if self.saved_to is None:
             return self.message
         return (

@@ -77,9 +77,10 @@ class OPRO(Teleprompter):
             list of strings (for every predictor), or a dict from predictor name to a string
             or list of strings. All are scored before the first step.
         num_threads: Threads for scoring and sampling. Defaults to ``dspy.settings.num_threads``.
-        max_errors: Failed examples (task model or metric raised) tolerated per candidate;
-            past it the run stops with an error, after saving its history. Defaults to
-            ``dspy.settings.max_errors``.
+        max_errors: Failed runs (after their retries) tolerated while scoring one candidate,
+            over all its screening rounds and repeats; past it the run stops with an error,
+            after saving its history (see `dspy_opro.calls`). A failed example is never
+            scored. Defaults to ``dspy.settings.max_errors``.
         max_metric_calls: Hard budget on scored (candidate, example) pairs, validation
             included. The run stops cleanly before exceeding it and returns the best so far.
             (Before the run the metric is also called once on a training example's own labels,
@@ -507,6 +508,8 @@ class _Run:
         self._save()
         if self.checkpoint is not None:
             error.saved_to = str(self.checkpoint.path)
+        else:
+            error.unsaved = True
         logger.error("OPRO stopped: %s", error)
 
     def _log_plan(self) -> None:

@@ -13,6 +13,10 @@ the examples it was run on, which is what the meta-prompt shows for it.
 
 Under ``max_metric_calls`` a step starts every new candidate whose first minibatch fits in the
 budget, and a later round that would pass it goes on with the leading candidates only.
+A round is decided only once every example of it has a score: `Scorer.evaluate` runs failed
+examples again before it returns, and a candidate's failures add up over its rounds against
+``max_errors``. A run that stopped replays the rounds from what it had measured, so it takes
+the same decisions and runs only the examples that have no score.
 `dspy_opro.OPRO` screens by default; ``screening=False`` scores as the reference does.
 """
 
