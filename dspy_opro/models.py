@@ -208,10 +208,14 @@ class CallLedger:
     def open(self, run: str) -> dict[str, CallStats] | None:
         """Start recording for the run named ``run``; returns the totals it already holds, if any."""
         totals = self._replay(run)
-        mode = "a" if totals is not None else "w"
-        self._file = open(self.path, mode, encoding="utf-8")  # noqa: SIM115 - kept open for the run
         if totals is None:
+            self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - kept open for the run
             self._write({"event": "header", "run": run})
+            return None
+        cut = self.path.read_bytes()[-1:] not in (b"", b"\n")  # a kill in the middle of a line
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        if cut:
+            self._file.write("\n")
         return totals
 
     def close(self) -> None:
@@ -232,19 +236,21 @@ class CallLedger:
     def _replay(self, run: str) -> dict[str, CallStats] | None:
         if not self.path.exists():
             return None
-        totals: dict[str, CallStats] = {}
+        totals: dict[str, CallStats] | None = None  # until the header names this run
         with open(self.path, encoding="utf-8") as handle:
             for number, line in enumerate(handle):
                 try:
                     event = json.loads(line)
-                except ValueError:  # a line cut short by a kill: the last one
+                except ValueError:  # a line cut short by a kill
                     logger.debug("Skipping an unreadable line %d of %s", number + 1, self.path)
-                    continue
+                    event = None
                 if number == 0:
-                    if event.get("event") != "header" or event.get("run") != run:
+                    if event is None or event.get("event") != "header" or event.get("run") != run:
                         return None
+                    totals = {}
+                elif event is None:
                     continue
-                if event.get("event") == "base":
+                elif event.get("event") == "base":
                     totals[event["role"]] = CallStats.from_dict(event["stats"])
                 else:
                     totals.setdefault(str(event.get("role")), CallStats()).apply(event)

@@ -67,3 +67,30 @@ def test_a_refused_resume_names_what_differs(tmp_path):
         compile_(opro(tmp_path), trainset=changed)
     with pytest.raises(ValueError, match=r"predictor 'self': question -> result here, question -> answer in the file"):
         compile_(opro(tmp_path), student=dspy.Predict("question -> result"))
+
+
+def test_the_call_ledger_replays_its_events_survives_a_cut_line_and_belongs_to_one_run(tmp_path):
+    from dspy_opro.models import CallLedger, CallStats
+
+    path = tmp_path / "opro_calls.jsonl"
+    ledger = CallLedger(path)
+    assert ledger.open("run-a") is None
+    ledger.write_base("task", CallStats(calls=5, requests=5, succeeded=5, prompt_tokens=50))
+    ledger.record("task", {"event": "start"})
+    ledger.record("task", {"event": "end", "outcome": "failed", "kind": "transient", "type": "LMServerError"})
+    ledger.record("task", {"event": "retry"})
+    ledger.record("prompt", {"event": "start"})  # in flight when the process was killed
+    ledger.close()
+    with open(path, "a") as handle:
+        handle.write('{"event": "end", "role": "pro')  # the kill cut this line short
+
+    again = CallLedger(path)
+    totals = again.open("run-a")
+    task, prompt = totals["task"], totals["prompt"]
+    assert (task.calls, task.requests, task.succeeded, task.errors, task.retries) == (6, 6, 5, 1, 1)
+    assert task.failed == {"transient": 1} and task.error_types == {"LMServerError": 1} and task.prompt_tokens == 50
+    assert prompt.calls == 1 and prompt.interrupted == 1
+    again.record("prompt", {"event": "end", "outcome": "cached"})
+    again.close()
+    assert CallLedger(path).open("run-a")["prompt"].cache_hits == 1  # written on a line of its own
+    assert CallLedger(path).open("run-b") is None and path.read_text().count("\n") == 1  # another run starts afresh
