@@ -101,7 +101,10 @@ def test_an_outage_stops_the_run_and_the_rerun_redoes_only_what_failed(baseline,
         assert isinstance(error, expected[0]) and repr(expected[1]) in str(error)
         assert "injected fault" in str(error) and error.saved_to == str(tmp_path / "opro_history.json")
         saved = json.loads((tmp_path / "opro_history.json").read_text())
-        assert saved["pending"] is not None or where == "validation"
+        if where == "validation":  # every step done; the validation plan and its partial results kept
+            assert saved["pending"] is None and saved["selection"]["validating"]
+        else:
+            assert saved["pending"]["step"] == (0 if where == "initial scoring" else 1)
         first_run = len(server.requests)
 
         plan.end()
