@@ -15,8 +15,9 @@ from .models import Counts
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: failed examples are never scores; a stopped step is kept as `pending`
 CHECKPOINT_NAME = "opro_history.json"
+LEDGER_NAME = "opro_calls.jsonl"
 
 
 @dataclass
@@ -32,10 +33,15 @@ class Candidate:
         score: Training score, 0-100 (mean metric x 100).
         per_example: Per-training-example metric values, in trainset order; ``None`` where
             screening stopped before running the example.
-        failures: Training examples on which the program or metric raised.
-        evaluated: How many training examples were run (all, unless screening stopped it;
+        failures: Failed runs while scoring it (after retries; runs repeated until they succeeded).
+        evaluated: How many training examples were scored (all, unless screening stopped it;
             then ``score`` is the mean over those).
-        val_score: Validation score, 0-100, if it was measured.
+        val_score: Validation score, 0-100, once every validation example was scored.
+        program_errors: Training examples on which the program or the metric raised. A candidate
+            with any is incomplete: never chosen, validated, taken as the best, or shown to the
+            prompt model.
+        validation: Its results on the validation set (`dspy_opro.scoring.Evaluation` as JSON,
+            plus ``"done"`` once its validation pass ended), if it was validated.
     """
 
     id: int
@@ -48,11 +54,19 @@ class Candidate:
     failures: int = 0
     evaluated: int = 0
     val_score: float | None = None
+    program_errors: list[int] = field(default_factory=list)
+    validation: dict[str, Any] | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Scored on every example it was run on (screening may have stopped it early)."""
+        return not self.program_errors
 
     def summary(self) -> dict[str, Any]:
-        """The candidate without its per-example scores."""
+        """The candidate without its per-example results."""
         data = asdict(self)
         data.pop("per_example")
+        data.pop("validation")
         return data
 
 
@@ -71,6 +85,43 @@ class StepRecord:
 
 
 @dataclass
+class PendingStep:
+    """A step that started and has not ended: what it has measured so far, to resume from.
+
+    A run that stops (an outage, a fatal error) saves its step in flight here; the next
+    ``compile`` with the same ``log_dir`` finishes it: it asks the prompt model only for the
+    samples whose call failed, and scores only the examples without a score.
+
+    Attributes:
+        step: The step (0: the initial instructions).
+        predictor: The predictor it works on (``"*"`` at step 0 with several predictors).
+        exemplars: The training examples its meta-prompt shows.
+        meta_prompt: The meta-prompt.
+        replies: Per prompt-model sample, the reply, or ``None`` while it has none.
+        configs: Once the replies are read: per candidate, the predictor it changes and the
+            instructions of every predictor.
+        budget: Metric calls the step may spend (``None``: no limit), fixed when it started scoring.
+        final: The budget ends the run after this step.
+        evaluations: Per candidate, its results so far (`dspy_opro.scoring.Evaluation` as JSON).
+    """
+
+    step: int
+    predictor: str
+    exemplars: list[int]
+    meta_prompt: str
+    replies: list[str | None] = field(default_factory=list)
+    configs: list[tuple[str, dict[str, str]]] | None = None
+    budget: int | None = None
+    final: bool = False
+    evaluations: list[dict[str, Any] | None] | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PendingStep:
+        configs = data.get("configs")
+        return cls(**{**data, "configs": None if configs is None else [(p, dict(c)) for p, c in configs]})
+
+
+@dataclass
 class RunState:
     """Everything needed to resume a run and to report on it."""
 
@@ -81,6 +132,7 @@ class RunState:
     best_traces: list[dict[str, dict[str, str]]] = field(default_factory=list)
     counts: Counts = field(default_factory=Counts)
     selection: dict[str, Any] | None = None
+    pending: PendingStep | None = None
 
     @property
     def completed_steps(self) -> int:
@@ -99,19 +151,31 @@ class RunState:
             "candidates": [asdict(c) for c in self.candidates],
             "steps": [asdict(s) for s in self.steps],
             "best_traces": self.best_traces,
+            "pending": None if self.pending is None else asdict(self.pending),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunState:
-        return cls(
-            fingerprint=data["fingerprint"],
-            candidates=[Candidate(**c) for c in data["candidates"]],
-            steps=[StepRecord(**s) for s in data["steps"]],
-            best_id=data["best_id"],
-            best_traces=data.get("best_traces", []),
-            counts=Counts.from_dict(data.get("counts", {})),
-            selection=data.get("selection"),
-        )
+        """Read `to_json`'s output; a `ValueError` says what is missing or malformed."""
+        try:
+            pending = data.get("pending")
+            state = cls(
+                fingerprint=dict(data["fingerprint"]),
+                candidates=[Candidate(**c) for c in data["candidates"]],
+                steps=[StepRecord(**s) for s in data["steps"]],
+                best_id=data["best_id"],
+                best_traces=data.get("best_traces", []),
+                counts=Counts.from_dict(data.get("counts", {})),
+                selection=data.get("selection"),
+                pending=None if pending is None else PendingStep.from_json(pending),
+            )
+        except KeyError as exc:
+            raise ValueError(f"it has no {exc.args[0]!r} entry") from None
+        except (TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"an entry is malformed ({exc})") from None
+        if state.best_id is not None and not 0 <= state.best_id < len(state.candidates):
+            raise ValueError(f"its best_id {state.best_id} names no candidate")
+        return state
 
 
 def digest(value: Any) -> str:
@@ -160,6 +224,11 @@ class Checkpoint:
             raise ValueError(
                 f"cannot read the history in {str(self.path)!r}: {exc}. Move the file away to start a new run."
             ) from exc
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{str(self.path)!r} is not a run history (it holds a JSON {type(data).__name__}). Move the file away "
+                "to start a new run."
+            )
         if data.get("format_version") != self.version:
             raise ValueError(
                 f"{str(self.path)!r} was written by an incompatible version (format "
@@ -183,7 +252,15 @@ class Checkpoint:
 
     def load(self) -> RunState | None:
         data = self.read()
-        return None if data is None else RunState.from_json(data)
+        if data is None:
+            return None
+        try:
+            return RunState.from_json(data)
+        except ValueError as exc:
+            raise ValueError(
+                f"the history in {str(self.path)!r} is incomplete or damaged: {exc}. It cannot be resumed; move it "
+                "away (or use a new log_dir) to start a new run."
+            ) from None
 
     def save(self, state: RunState) -> None:
         self.write(state.to_json())

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import contextvars
+import functools
 import hashlib
+import json
 import logging
+import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -152,48 +154,244 @@ def lm_name(lm: dspy.BaseLM | None) -> str | None:
 
 @dataclass
 class CallStats:
-    """Calls and tokens spent through one role (task model or prompt model)."""
+    """Model calls and tokens of one role (task model or prompt model).
+
+    Attributes:
+        calls: LM calls made by DSPy programs and by OPRO, cache hits included.
+        requests: Requests sent to the provider: calls that were not cache hits, retries included.
+        succeeded: Requests answered.
+        failed: Failed requests by `dspy_opro.faults` kind (``"transient"``, ``"fatal"``, ``"program"``).
+        error_types: Failed requests by exception type (``"LMRateLimitError"``, ``"LMTimeoutError"``, ...).
+        retries: Requests that repeated a failed one (a transient failure retried after a backoff).
+        cache_hits: Calls answered from DSPy's cache: no request, no tokens.
+        prompt_tokens: Prompt tokens the provider reported, for every request that reported usage
+            (failed ones included; a request that timed out or lost its connection reports none).
+        completion_tokens: The same for completion tokens.
+    """
 
     calls: int = 0
-    errors: int = 0
+    requests: int = 0
+    succeeded: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    error_types: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    cache_hits: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
-    def as_dict(self) -> dict[str, int]:
+    @property
+    def errors(self) -> int:
+        """Failed requests of any kind."""
+        return sum(self.failed.values())
+
+    @property
+    def interrupted(self) -> int:
+        """Calls that started and never ended: the process was killed while they were in flight."""
+        return max(0, self.calls - self.succeeded - self.errors - self.cache_hits)
+
+    def apply(self, event: dict[str, Any]) -> None:
+        """Add one call event (see `CallCounter`) to the totals; the call ledger replays the same events."""
+        kind = event.get("event")
+        if kind == "start":
+            self.calls += 1
+        elif kind == "retry":
+            self.retries += 1
+        elif kind == "end":
+            outcome = event.get("outcome")
+            self.prompt_tokens += int(event.get("prompt_tokens") or 0)
+            self.completion_tokens += int(event.get("completion_tokens") or 0)
+            if outcome == "cached":
+                self.cache_hits += 1
+                return
+            self.requests += 1
+            if outcome == "ok":
+                self.succeeded += 1
+            else:
+                failure = str(event.get("kind") or "unknown")
+                self.failed[failure] = self.failed.get(failure, 0) + 1
+                name = str(event.get("type") or "Exception")
+                self.error_types[name] = self.error_types.get(name, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
         return {
             "calls": self.calls,
+            "requests": self.requests,
+            "succeeded": self.succeeded,
             "errors": self.errors,
+            "failed": dict(self.failed),
+            "error_types": dict(self.error_types),
+            "retries": self.retries,
+            "cache_hits": self.cache_hits,
+            "interrupted": self.interrupted,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CallStats:
+        """Read `as_dict`'s output (and the older ``calls``/``errors``/tokens form)."""
+        stats = cls(
+            calls=int(data.get("calls", 0)),
+            requests=int(data.get("requests", data.get("calls", 0))),
+            succeeded=int(data.get("succeeded", data.get("calls", 0) - data.get("errors", 0))),
+            failed=dict(data.get("failed", {})),
+            error_types=dict(data.get("error_types", {})),
+            retries=int(data.get("retries", 0)),
+            cache_hits=int(data.get("cache_hits", 0)),
+            prompt_tokens=int(data.get("prompt_tokens", 0)),
+            completion_tokens=int(data.get("completion_tokens", 0)),
+        )
+        if "failed" not in data and data.get("errors"):
+            stats.failed = {"unknown": int(data["errors"])}
+        return stats
+
+
+class CallLedger:
+    """An append-only file of call events (one JSON line each), so that counts survive a ``kill -9``.
+
+    The run history is saved after every step; the ledger gets a line as each call starts and
+    ends, so calls made after the last save (and calls in flight when the process died, which
+    started and never ended) are still counted when the run resumes. The first line names the
+    run (its fingerprint): a ledger of another run is replaced, not added to.
+
+    Args:
+        path: The file (created if needed).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._file = None
+
+    def open(self, run: str) -> dict[str, CallStats] | None:
+        """Start recording for the run named ``run``; returns the totals it already holds, if any."""
+        totals = self._replay(run)
+        if totals is None:
+            self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+            self._write({"event": "header", "run": run})
+            return None
+        cut = self.path.read_bytes()[-1:] not in (b"", b"\n")  # a kill in the middle of a line
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        if cut:
+            self._file.write("\n")
+        return totals
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def record(self, role: str, event: dict[str, Any]) -> None:
+        self._write({**event, "role": role})
+
+    def _write(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.write(json.dumps(event) + "\n")
+                self._file.flush()  # in the OS's hands now: a killed process loses nothing written
+
+    def _replay(self, run: str) -> dict[str, CallStats] | None:
+        if not self.path.exists():
+            return None
+        totals: dict[str, CallStats] | None = None  # until the header names this run
+        with open(self.path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle):
+                try:
+                    event = json.loads(line)
+                except ValueError:  # a line cut short by a kill
+                    logger.debug("Skipping an unreadable line %d of %s", number + 1, self.path)
+                    event = None
+                if number == 0:
+                    if event is None or event.get("event") != "header" or event.get("run") != run:
+                        return None
+                    totals = {}
+                elif event is None:
+                    continue
+                elif event.get("event") == "base":
+                    totals[event["role"]] = CallStats.from_dict(event["stats"])
+                else:
+                    totals.setdefault(str(event.get("role")), CallStats()).apply(event)
+        return totals
+
+    def write_base(self, role: str, stats: CallStats) -> None:
+        """Record ``stats`` as the starting totals of ``role`` (counts carried over from a history file)."""
+        self.record(role, {"event": "base", "stats": stats.as_dict()})
+
 
 class CallCounter(BaseCallback):
-    """Counts LM calls (a DSPy callback) and billed tokens (a DSPy usage tracker), thread-safely.
+    """Counts one role's LM calls (a DSPy callback) and billed tokens (a DSPy usage tracker), thread-safely.
 
     Installed with ``dspy.context(callbacks=[..., counter], usage_tracker=counter)`` in every
     thread that runs the program, so calls from worker threads are never lost. Usage that
     DSPy reports is also passed on to a tracker that was active before (``forward_to``).
+
+    Each call becomes two events, applied to ``stats`` and appended to the ``ledger`` if given: a
+    start, and an end that says how it went — ``"cached"`` when DSPy answered from its cache
+    (DSPy reports usage for every call it sends, so a call that succeeded without a usage report
+    never reached the provider), ``"ok"``, or ``"failed"`` with the `dspy_opro.faults` kind.
+    With retries left to OPRO (`dspy_opro.calls.without_retries`), one call is one request.
+
+    Args:
+        stats: Where the totals go.
+        forward_to: A usage tracker to pass DSPy's usage reports on to.
+        ledger: A `CallLedger` to append the events to.
+        role: The role's name in the ledger (``"task"``, ``"prompt"``).
     """
 
-    def __init__(self, stats: CallStats | None = None, *, forward_to: Any = None):
+    def __init__(
+        self,
+        stats: CallStats | None = None,
+        *,
+        forward_to: Any = None,
+        ledger: CallLedger | None = None,
+        role: str = "task",
+    ):
         self.stats = stats or CallStats()
         self.forward_to = forward_to
+        self.ledger = ledger
+        self.role = role
         self._lock = threading.Lock()
+        self._current = threading.local()  # the usage reported for this thread's call in flight
+
+    def _event(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self.stats.apply(event)
+        if self.ledger is not None:
+            self.ledger.record(self.role, event)
 
     def on_lm_start(self, call_id, instance, inputs):
-        with self._lock:
-            self.stats.calls += 1
+        self._current.usage = None
+        self._event({"event": "start"})
 
     def on_lm_end(self, call_id, outputs, exception=None):
-        if exception is not None:
-            with self._lock:
-                self.stats.errors += 1
+        usage = getattr(self._current, "usage", None)
+        self._current.usage = None
+        tokens = {"prompt_tokens": usage[0], "completion_tokens": usage[1]} if usage else {}
+        if exception is None:
+            self._event({"event": "end", "outcome": "ok" if usage is not None else "cached", **tokens})
+            return
+        from .faults import classify
+
+        self._event(
+            {
+                "event": "end",
+                "outcome": "failed",
+                "kind": classify(exception),
+                "type": type(exception).__name__,
+                **tokens,
+            }
+        )
+
+    def on_retry(self) -> None:
+        """Note that a failed request is about to be sent again."""
+        self._event({"event": "retry"})
 
     def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
-        with self._lock:
-            self.stats.prompt_tokens += int(usage_entry.get("prompt_tokens") or 0)
-            self.stats.completion_tokens += int(usage_entry.get("completion_tokens") or 0)
+        prompt = int(usage_entry.get("prompt_tokens") or 0)
+        completion = int(usage_entry.get("completion_tokens") or 0)
+        previous = getattr(self._current, "usage", None) or (0, 0)
+        self._current.usage = (previous[0] + prompt, previous[1] + completion)
         if self.forward_to is not None:
             self.forward_to.add_usage(lm, usage_entry)
 
@@ -205,7 +403,11 @@ class CallCounter(BaseCallback):
 
 @dataclass
 class Counts:
-    """Everything a run has spent and discarded; saved with the run history."""
+    """Everything a run has spent and discarded; saved with the run history.
+
+    ``metric_calls`` counts scored (program, example) pairs: the runs that gave a score, which is
+    what ``max_metric_calls`` caps; ``task_failures`` the runs that failed (after their retries).
+    """
 
     metric_calls: int = 0
     task_failures: int = 0
@@ -233,8 +435,8 @@ class Counts:
         return cls(
             metric_calls=data.get("metric_calls", 0),
             task_failures=data.get("task_failures", 0),
-            task=CallStats(**data.get("task_lm", {})),
-            prompt=CallStats(**data.get("prompt_lm", {})),
+            task=CallStats.from_dict(data.get("task_lm", {})),
+            prompt=CallStats.from_dict(data.get("prompt_lm", {})),
             proposals=data.get("proposals", 0),
             unparsed=data.get("unparsed", 0),
             duplicates=data.get("duplicates", 0),
@@ -252,6 +454,32 @@ def rollout_id(*key: object) -> int:
     return int.from_bytes(raw[:6], "big")
 
 
+def sample_one(
+    lm: dspy.BaseLM,
+    prompt: str,
+    sample: int,
+    *,
+    temperature: float,
+    key: Sequence[object],
+    counter: CallCounter | None = None,
+    stop: Sequence[str] | None = None,
+) -> str:
+    """One reply of ``lm`` to ``prompt``: sample number ``sample``, with its own rollout id (``key`` plus ``sample``).
+
+    Distinct rollout ids keep samples independent at ``temperature > 0`` even with DSPy's cache
+    on, and a rerun with the same key replays the same sample from the cache.
+    """
+    overrides: dict[str, Any] = {"temperature": temperature}
+    if temperature > 0:  # DSPy warns about a rollout id at temperature 0, where it changes nothing
+        overrides["rollout_id"] = rollout_id(*key, sample)
+    sampler = lm.copy(**overrides)
+    kwargs = {"stop": list(stop)} if stop else {}
+    with counter.context() if counter is not None else dspy.context():
+        outputs = sampler(prompt, **kwargs)
+    first = outputs[0] if outputs else ""
+    return (first.get("text") or "") if isinstance(first, dict) else str(first or "")
+
+
 def sample_replies(
     lm: dspy.BaseLM,
     prompt: str,
@@ -263,28 +491,18 @@ def sample_replies(
     stop: Sequence[str] | None = None,
     num_threads: int = 1,
 ) -> list[str | Exception]:
-    """``n`` independent replies of ``lm`` to ``prompt``, sampled in parallel threads.
+    """``n`` independent replies of ``lm`` to ``prompt`` (`sample_one` for samples 0..n-1), in parallel threads.
 
-    Each sample is a separate call with its own rollout id (``key`` plus the sample index),
-    so replies differ at ``temperature > 0`` even with DSPy's cache on. A sample whose call
-    raises is returned as the exception, in its position, so one failure never loses the
-    other replies.
+    A sample whose call raises is returned as the exception, in its position, so one failure
+    never loses the other replies. Retries are the LM's own (DSPy's ``num_retries``).
     """
+    from .calls import run_jobs
 
-    def one(sample: int) -> str | Exception:
-        overrides: dict[str, Any] = {"temperature": temperature}
-        if temperature > 0:  # DSPy warns about a rollout id at temperature 0, where it changes nothing
-            overrides["rollout_id"] = rollout_id(*key, sample)
-        sampler = lm.copy(**overrides)
-        kwargs = {"stop": list(stop)} if stop else {}
-        try:
-            with counter.context() if counter is not None else dspy.context():
-                outputs = sampler(prompt, **kwargs)
-        except Exception as exc:
-            return exc
-        first = outputs[0] if outputs else ""
-        return (first.get("text") or "") if isinstance(first, dict) else str(first or "")
-
-    with ThreadPoolExecutor(max_workers=max(1, min(num_threads, n)), thread_name_prefix="opro-sample") as pool:
-        futures = [pool.submit(contextvars.copy_context().run, one, j) for j in range(n)]
-        return [future.result() for future in futures]
+    jobs = [
+        functools.partial(sample_one, lm, prompt, j, temperature=temperature, key=key, counter=counter, stop=stop)
+        for j in range(n)
+    ]
+    outcomes = run_jobs(
+        jobs, num_threads=num_threads, retries=0, on_outcome=lambda i, o: False, lms=[lm], name="opro-sample"
+    )
+    return [o.value if o.ok else o.error for o in outcomes]

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import json
 import logging
 import random
 from collections import Counter
@@ -32,18 +33,21 @@ from dspy.teleprompt import Teleprompter
 from tqdm.auto import tqdm
 
 from . import compat
+from .calls import PromptModelError, RunStoppedError, TaskFailureError, retries_of, run_jobs, without_retries
 from .candidates import DEFAULT_MAX_LENGTH, dedup_key, normalize_instruction, rejection_reason
 from .events import report_evaluations
 from .exemplars import EXEMPLAR_STRATEGIES, select_exemplars
-from .history import Candidate, Checkpoint, RunState, StepRecord, digest
+from .faults import TRANSIENT
+from .history import LEDGER_NAME, Candidate, Checkpoint, PendingStep, RunState, StepRecord, digest
 from .meta_prompt import BASE_STOP, FAMILIES, Exemplar, extract_instruction, render_meta_prompt
 from .models import (
     CallCounter,
+    CallLedger,
     lm_name,
     meta_prompt_family,
     optimizer_model,
     resolve_lm,
-    sample_replies,
+    sample_one,
 )
 from .preflight import CheckReport, check_models
 from .scoring import Evaluation, MetricError, Scorer, as_score
@@ -54,7 +58,7 @@ logger = logging.getLogger(__name__)
 MIN_TRAINSET_SIZE = 3
 VALIDATION_SHARE = 4  # under a budget, validation takes at most 1/VALIDATION_SHARE of it
 _ALL_PREDICTORS = "*"  # the `predictor` of the initial configuration shared by all predictors
-_STOP_AFTER_FAILED_STEPS = 3
+_DETAILS = "details"  # the fingerprint's plain-data part, which only explains a refusal
 
 
 class OPRO(Teleprompter):
@@ -102,9 +106,10 @@ class OPRO(Teleprompter):
             list of strings (for every predictor), or a dict from predictor name to a string
             or list of strings. All are scored before the first step.
         num_threads: Threads for scoring and sampling. Defaults to ``dspy.settings.num_threads``.
-        max_errors: Failed examples (task model or metric raised) tolerated per candidate;
-            past it the run stops with an error, after saving its history. Defaults to
-            ``dspy.settings.max_errors``.
+        max_errors: Failed runs (after their retries) tolerated while scoring one candidate,
+            over all its screening rounds and repeats; past it the run stops with an error,
+            after saving its history (see `dspy_opro.calls`). A failed example is never
+            scored. Defaults to ``dspy.settings.max_errors``.
         max_metric_calls: Hard budget on scored (candidate, example) pairs, validation
             included. The run stops cleanly before exceeding it and returns the best so far.
             (Before the run the metric is also called once on a training example's own labels,
@@ -470,6 +475,41 @@ def _describe_task(predictor) -> str:
     return f"given {inputs}, produce {outputs}"
 
 
+def _differences(key: str, here: Any, saved: Any) -> str:
+    """What differs between this run and the saved one, in words, for a refused resume ("" if unknown)."""
+    if saved is None and here is not None and key != "valset":
+        return ""  # a history written before details were kept
+    if key == "settings":
+        changed = [
+            f"{name}: {here.get(name)!r} here, {saved.get(name)!r} in the file"
+            for name in sorted(set(here) | set(saved))
+            if here.get(name) != saved.get(name)
+        ]
+        return f" ({'; '.join(changed)})" if changed else ""
+    if key in ("trainset", "valset"):
+        if here is None or saved is None:
+            return f" ({'none' if here is None else len(here)} examples here, {'none' if saved is None else len(saved)} in the file)"
+        if len(here) != len(saved):
+            return f" ({len(here)} examples here, {len(saved)} in the file)"
+        first = next((j for j, (a, b) in enumerate(zip(here, saved, strict=True)) if a != b), None)
+        return "" if first is None else f" (example {first} differs)"
+    if key == "program":
+        names_here, names_saved = [p[0] for p in here], [p[0] for p in saved]
+        if names_here != names_saved:
+            return f" (predictors {names_here} here, {names_saved} in the file)"
+        for (name, inputs, outputs, instruction), (_, inputs_s, outputs_s, instruction_s) in zip(
+            here, saved, strict=True
+        ):
+            if (inputs, outputs) != (inputs_s, outputs_s):
+                fields = lambda i, o: f"{', '.join(i)} -> {', '.join(o)}"  # noqa: E731
+                return (
+                    f" (predictor {name!r}: {fields(inputs, outputs)} here, {fields(inputs_s, outputs_s)} in the file)"
+                )
+            if instruction != instruction_s:
+                return f" (predictor {name!r}: instruction {instruction!r} here, {instruction_s!r} in the file)"
+    return ""
+
+
 class _Run:
     """One compile call: the state of the loop, kept off the optimizer so it can be reused."""
 
@@ -520,15 +560,21 @@ class _Run:
             self.checkpoint.check_writable()
         self.state = self._load_or_start()
         self.counts = self.state.counts
-        self.task_counter = CallCounter(self.counts.task, forward_to=dspy.settings.usage_tracker)
-        self.prompt_counter = CallCounter(self.counts.prompt, forward_to=dspy.settings.usage_tracker)
+        self.ledger = self._open_ledger()
+        tracker = dspy.settings.usage_tracker
+        self.task_counter = CallCounter(self.counts.task, forward_to=tracker, ledger=self.ledger, role="task")
+        self.prompt_counter = CallCounter(self.counts.prompt, forward_to=tracker, ledger=self.ledger, role="prompt")
+        # OPRO retries transient failures itself, on LM copies making one request per call (dspy_opro.calls).
+        self.prompt_calls = without_retries(self.prompt_lm)
+        task_retries = retries_of(self.task_lm or next(p.lm for p in self.predictors.values() if p.lm is not None))
         self.scorer = Scorer(
             self.metric,
-            task_lm=opt.task_model,
+            task_lm=without_retries(self.task_lm),
             num_threads=self.num_threads,
             max_errors=max_errors,
             counts=self.counts,
             counter=self.task_counter,
+            retries=task_retries,
         )
         self.budget_exhausted = False
         self.model_check = CheckReport()
@@ -545,7 +591,8 @@ class _Run:
         if any(getattr(p, "lm", None) is None for p in self.predictors.values()):
             models.append(("task_model", self.task_lm))
         models += [(f"predictor {name!r}", p.lm) for name, p in self.predictors.items() if getattr(p, "lm", None)]
-        self.model_check = check_models(models, num_threads=self.num_threads)
+        counters = {role: self.prompt_counter if role == "prompt_model" else self.task_counter for role, _ in models}
+        self.model_check = check_models(models, num_threads=self.num_threads, counters=counters)
 
     def confirm(self) -> None:
         """Show the plan and its cost, and go on only if the user answers "y" on stdin."""
@@ -624,11 +671,19 @@ class _Run:
             "prompt_model": lm_name(self.prompt_lm),
             "task_model": lm_name(self.task_lm),
         }
+        plain = lambda value: json.loads(json.dumps(value, default=repr))  # noqa: E731
         return {
             "program": digest(program),
             "trainset": digest(examples(self.trainset)),
             "valset": digest(None if self.valset is None else examples(self.valset)),
             "settings": digest(settings),
+            # What the digests cover, so that a refused resume can say what differs (`_differences`).
+            _DETAILS: {
+                "program": plain(program),
+                "trainset": [digest(e) for e in examples(self.trainset)],
+                "valset": None if self.valset is None else [digest(e) for e in examples(self.valset)],
+                "settings": plain(settings),
+            },
         }
 
     def _load_or_start(self) -> RunState:
@@ -638,58 +693,90 @@ class _Run:
         state = self.checkpoint.load()
         if state is None:
             return RunState(fingerprint=fingerprint)
-        differing = [key for key in fingerprint if state.fingerprint.get(key) != fingerprint[key]]
+        differing = [key for key in fingerprint if key != _DETAILS and state.fingerprint.get(key) != fingerprint[key]]
         if differing:
+            saved = state.fingerprint.get(_DETAILS) or {}
+            parts = [
+                f"a different {key}{_differences(key, fingerprint[_DETAILS].get(key), saved.get(key))}"
+                for key in differing
+            ]
             raise ValueError(
-                f"{str(self.checkpoint.path)!r} holds an OPRO run with a different {' and '.join(differing)}; "
-                "refusing to resume it. Use a new log_dir for this run, or delete that file to start over."
+                f"{str(self.checkpoint.path)!r} holds an OPRO run with {' and '.join(parts)}; refusing to resume it. "
+                f"Use a new log_dir for this run, or delete that file (and {LEDGER_NAME}) to start over."
             )
         logger.info(
-            "Resuming OPRO from %s: %d candidates scored, %d steps done",
+            "Resuming OPRO from %s: %d candidates scored, %d steps done%s",
             self.checkpoint.path,
             len(state.candidates),
             state.completed_steps,
+            f", step {state.pending.step} to finish" if state.pending is not None else "",
         )
         return state
+
+    def _open_ledger(self) -> CallLedger | None:
+        """The call ledger in log_dir; the counts it holds (calls after the last save included) replace the saved ones."""
+        if self.checkpoint is None:
+            return None
+        ledger = CallLedger(self.checkpoint.dir / LEDGER_NAME)
+        run = digest({key: value for key, value in self.state.fingerprint.items() if key != _DETAILS})
+        totals = ledger.open(run)
+        if totals is not None:
+            self.state.counts.task = totals.get("task", self.state.counts.task)
+            self.state.counts.prompt = totals.get("prompt", self.state.counts.prompt)
+        else:  # a new ledger (or a history without one): it starts from the saved counts
+            for role, stats in (("task", self.state.counts.task), ("prompt", self.state.counts.prompt)):
+                if stats.calls:
+                    ledger.write_base(role, stats)
+        return ledger
 
     # -------------------------------------------------------------- the loop
     def execute(self) -> dspy.Module:
         self._log_plan()
-        if not self.state.candidates:
-            self._score_initial()
-        first_step = self.state.completed_steps + 1
-        bar = tqdm(
-            total=self.opt.num_steps,
-            initial=min(first_step - 1, self.opt.num_steps),
-            desc="OPRO",
-            unit="step",
-            disable=not self.opt.show_progress,
-        )
-        failed_steps = 0
+        bar = None
         try:
+            if not self.state.steps:
+                self._score_initial()
+            first_step = self.state.completed_steps + 1
+            bar = tqdm(
+                total=self.opt.num_steps,
+                initial=min(first_step - 1, self.opt.num_steps),
+                desc="OPRO",
+                unit="step",
+                disable=not self.opt.show_progress,
+            )
             bar.set_postfix(best=f"{self.state.best.score:.1f}")
             for step in range(first_step, self.opt.num_steps + 1):
-                if self._loop_budget() < len(self.trainset):
+                started = self._pending(step) is not None  # its budget was settled when it started
+                if not started and self._loop_budget() < len(self.trainset):
                     self._stop_for_budget(step)
                     break
-                all_failed = self._step(step)
+                self._step(step)
                 bar.update(1)
                 bar.set_postfix(best=f"{self.state.best.score:.1f}")
-                failed_steps = failed_steps + 1 if all_failed else 0
-                if failed_steps >= _STOP_AFTER_FAILED_STEPS:
-                    logger.error(
-                        "The prompt model failed on every sample for %d steps in a row; stopping early. "
-                        "Check the prompt model (API key, model name, rate limits).",
-                        failed_steps,
-                    )
-                    break
                 if self.budget_exhausted:
                     break
+            chosen = self._select()
+            self._save()
         finally:
-            bar.close()
-        chosen = self._select()
-        self._save()
+            if bar is not None:
+                bar.close()
+            if self.ledger is not None:
+                self.ledger.close()
         return self._result(chosen)
+
+    def _pending(self, step: int) -> PendingStep | None:
+        """The saved state of ``step`` if a stopped run left it unfinished."""
+        pending = self.state.pending
+        return pending if pending is not None and pending.step == step else None
+
+    def _stopped(self, error: RunStoppedError) -> None:
+        """Save everything measured before ``error`` stopped the run, and say where it is."""
+        self._save()
+        if self.checkpoint is not None:
+            error.saved_to = str(self.checkpoint.path)
+        else:
+            error.unsaved = True
+        logger.error("OPRO stopped: %s", error)
 
     def _log_plan(self) -> None:
         logger.info("%s", self.plan_text())
@@ -752,13 +839,28 @@ class _Run:
             predictor.signature = predictor.signature.with_instructions(instructions[name])
         return program
 
+    def _scoring_program(self, instructions: Mapping[str, str]) -> dspy.Module:
+        """The program to score: predictors with their own LM get a copy making one request per call."""
+        program = self._program(instructions)
+        for predictor in program.predictors():
+            if predictor.lm is not None:
+                predictor.lm = without_retries(predictor.lm)
+        return program
+
     def _score(
-        self, configs: list[dict[str, str]], *, screened: bool = False, max_calls: int | None = None
+        self,
+        configs: list[dict[str, str]],
+        *,
+        screened: bool = False,
+        max_calls: int | None = None,
+        known: list[Evaluation | None] | None = None,
     ) -> list[Evaluation]:
-        programs = [self._program(config) for config in configs]
+        programs = [self._scoring_program(config) for config in configs]
         if not screened:
             return self._report(
-                programs, self.trainset, self.scorer.evaluate(programs, self.trainset, capture_traces=True)
+                programs,
+                self.trainset,
+                self.scorer.evaluate(programs, self.trainset, capture_traces=True, known=known),
             )
         evaluations = screen(
             self.scorer,
@@ -767,6 +869,7 @@ class _Run:
             threshold=self.state.best.score / 100,
             order=example_order(len(self.trainset), self.opt.seed),
             max_calls=max_calls,
+            known=known,
         )
         return self._report(programs, self.trainset, evaluations)
 
@@ -779,7 +882,21 @@ class _Run:
         )
         return evaluations
 
+    def _score_pending(self, pending: PendingStep, *, screened: bool) -> list[Evaluation]:
+        """Score the step's candidates, starting from what a stopped run measured; on a stop, save and raise."""
+        known = None
+        if pending.evaluations is not None:
+            known = [None if e is None else Evaluation.from_json(e) for e in pending.evaluations]
+        configs = [config for _, config in pending.configs]
+        try:
+            return self._score(configs, screened=screened, max_calls=pending.budget, known=known)
+        except TaskFailureError as exc:
+            pending.evaluations = [e.to_json() for e in exc.partial]
+            self._stopped(exc)
+            raise
+
     def _add(self, step: int, predictor: str, config: dict[str, str], evaluation: Evaluation) -> Candidate:
+        assert not evaluation.failed, "a step ends only when every failed example was run again"
         candidate = Candidate(
             id=len(self.state.candidates),
             step=step,
@@ -790,46 +907,72 @@ class _Run:
             per_example=[None if s is None else round(s, 6) for s in evaluation.scores],
             failures=evaluation.failures,
             evaluated=evaluation.evaluated,
+            program_errors=sorted(evaluation.program_errors),
         )
         self.state.candidates.append(candidate)
         best = self.state.best
-        complete = candidate.evaluated == len(self.trainset)
-        if complete and (best is None or candidate.score > best.score):
+        if self._usable(candidate) and (best is None or candidate.score > best.score):
             self.state.best_id = candidate.id
             self.state.best_traces = evaluation.traces or []
-        if evaluation.failures:
+        if candidate.program_errors:
             logger.warning(
-                "%d example(s) failed while scoring candidate %d; first: %s",
-                evaluation.failures,
+                "Candidate %d is left out: the program or the metric raised on %d example(s); first: %s",
                 candidate.id,
+                len(candidate.program_errors),
                 evaluation.first_error,
             )
         return candidate
 
+    def _usable(self, candidate: Candidate) -> bool:
+        """Scored on the whole training set with no failure: it may be the best, a finalist, the result."""
+        return candidate.complete and candidate.evaluated == len(self.trainset)
+
     def _score_initial(self) -> None:
-        base = {name: texts[0] for name, texts in self.initial.items()}
-        configs: list[tuple[str, dict[str, str]]] = [(self.names[0] if len(self.names) == 1 else _ALL_PREDICTORS, base)]
-        for name, texts in self.initial.items():
-            configs += [(name, {**base, name: text}) for text in texts[1:]]
-        need = len(configs) * len(self.trainset)
-        if self._loop_budget() < need:
-            raise ValueError(
-                f"max_metric_calls={self.opt.max_metric_calls} cannot cover scoring the {len(configs)} initial "
-                f"instruction(s) on {len(self.trainset)} examples ({need} calls) plus validation "
-                f"({self._validation_reserve()} calls); raise it or use fewer examples"
+        pending = self._pending(0)
+        if pending is None:
+            base = {name: texts[0] for name, texts in self.initial.items()}
+            configs = [(self.names[0] if len(self.names) == 1 else _ALL_PREDICTORS, base)]
+            for name, texts in self.initial.items():
+                configs += [(name, {**base, name: text}) for text in texts[1:]]
+            need = len(configs) * len(self.trainset)
+            if self._loop_budget() < need:
+                raise ValueError(
+                    f"max_metric_calls={self.opt.max_metric_calls} cannot cover scoring the {len(configs)} initial "
+                    f"instruction(s) on {len(self.trainset)} examples ({need} calls) plus validation "
+                    f"({self._validation_reserve()} calls); raise it or use fewer examples"
+                )
+            pending = PendingStep(0, "", [], "", configs=configs)
+            self.state.pending = pending
+        evaluations = self._score_pending(pending, screened=False)
+        if not any(e.complete for e in evaluations):
+            # Nothing to start from: keep the step pending (a rerun after a fix re-scores what failed).
+            pending.evaluations = [e.to_json() for e in evaluations]
+            first = next(e.first_error for e in evaluations if e.first_error)
+            error = TaskFailureError(
+                f"None of the {len(evaluations)} initial instruction(s) could be scored on every training example: "
+                f"the program or the metric raised (first: {first}). A failed example is never counted as a "
+                "score; make the program and the metric handle every example (return 0 for an answer the metric "
+                "cannot read), then run again.",
+                kind="program",
+                last_error=first,
             )
-        evaluations = self._score([config for _, config in configs])
-        for (predictor, config), evaluation in zip(configs, evaluations, strict=True):
+            self._stopped(error)
+            raise error
+        for (predictor, config), evaluation in zip(pending.configs, evaluations, strict=True):
             self._add(0, predictor, config, evaluation)
         best = self.state.best
         self.state.steps.append(
             StepRecord(0, "", [], "", 0, [c.id for c in self.state.candidates], best.score, best.id)
         )
+        self.state.pending = None
         self._save()
         logger.info("Initial instructions scored; best %.1f: %r", best.score, best.instruction)
 
-    def _history_of(self, name: str) -> list[Candidate]:
-        return [c for c in self.state.candidates if c.predictor in (name, _ALL_PREDICTORS)]
+    def _history_of(self, name: str, *, all_of_them: bool = False) -> list[Candidate]:
+        """The candidates of predictor ``name``; only the complete ones (those the meta-prompt shows) by default."""
+        return [
+            c for c in self.state.candidates if c.predictor in (name, _ALL_PREDICTORS) and (all_of_them or c.complete)
+        ]
 
     def _exemplars(self, step: int, index: int, name: str, history: list[Candidate]) -> list[int]:
         def wrong(candidates):
@@ -872,15 +1015,12 @@ class _Run:
         )
         return text, chosen
 
-    def _propose(self, step: int, index: int, replies: list[str | Exception]) -> list[str]:
+    def _propose(self, step: int, index: int, replies: list[str]) -> list[str]:
         name = self.names[index]
-        seen = {dedup_key(c.instructions[name]) for c in self._history_of(name)}
+        seen = {dedup_key(c.instructions[name]) for c in self._history_of(name, all_of_them=True)}
         accepted = []
         for reply in replies:
             self.counts.proposals += 1
-            if isinstance(reply, Exception):  # counted in counts.prompt.errors by the call counter
-                logger.warning("Prompt model call failed at step %d: %s: %s", step, type(reply).__name__, reply)
-                continue
             extracted = extract_instruction(self.opt.meta_prompt, reply)
             if extracted is None:
                 self.counts.unparsed += 1
@@ -901,41 +1041,117 @@ class _Run:
             accepted.append(text)
         return accepted
 
-    def _step(self, step: int) -> bool:
-        """Run one step; returns True if every prompt-model sample failed with an error."""
+    def _sample(self, pending: PendingStep, index: int) -> None:
+        """Fill in the step's missing replies: transient failures are asked again while some calls succeed.
+
+        Stops with `PromptModelError`, after saving, at a fatal error or when a whole round fails.
+        """
+        stop = [BASE_STOP] if self.opt.meta_prompt == "base" else None
+        key = (self.opt.seed, pending.step, index)
+        while True:
+            missing = [i for i, reply in enumerate(pending.replies) if reply is None]
+            if not missing:
+                return
+            final: dict[str, Any] = {}
+
+            def record(k, outcome, missing=missing, final=final) -> bool:
+                if outcome.ok:
+                    pending.replies[missing[k]] = outcome.value
+                    return False
+                logger.warning("Prompt model call failed at step %d: %s", pending.step, outcome.describe())
+                if outcome.kind != TRANSIENT:  # retrying cannot fix it
+                    final.setdefault("outcome", outcome)
+                return bool(final)
+
+            jobs = [
+                functools.partial(
+                    sample_one,
+                    self.prompt_calls,
+                    pending.meta_prompt,
+                    i,
+                    temperature=self.opt.temperature,
+                    key=key,
+                    counter=self.prompt_counter,
+                    stop=stop,
+                )
+                for i in missing
+            ]
+            outcomes = run_jobs(
+                jobs,
+                num_threads=self.num_threads,
+                retries=retries_of(self.prompt_lm),
+                on_outcome=record,
+                lms=[self.prompt_calls],
+                on_retry=self.prompt_counter.on_retry,
+                name="opro-sample",
+            )
+            failures = [o for o in outcomes if o is not None and not o.ok]
+            ran = sum(o is not None for o in outcomes)
+            if final or (failures and len(failures) == ran):
+                last = final.get("outcome") or failures[-1]
+                model = lm_name(self.prompt_lm)
+                why = (
+                    "failed with an error that retrying cannot fix"
+                    if final
+                    else f"is unavailable: all {ran} calls of the last round failed"
+                    + (f", each after {retries_of(self.prompt_lm)} retries" if retries_of(self.prompt_lm) else "")
+                )
+                error = PromptModelError(
+                    f"The prompt model {model!r} {why} (step {pending.step}, {len(missing) - ran + len(failures)} of "
+                    f"{len(pending.replies)} samples without a reply). Last error: {last.describe()}.",
+                    model=model,
+                    kind=last.kind,
+                    last_error=last.describe(),
+                )
+                self._stopped(error)
+                raise error
+
+    def _step(self, step: int) -> None:
+        """Run one step (or finish the one a stopped run left); the step is saved only once it is complete."""
         index = (step - 1) % len(self.names)
         name = self.names[index]
-        text, chosen = self.meta_prompt_for(step, index)
-        logger.debug("Meta-prompt at step %d for %s:\n%s", step, name, text)
-        replies = sample_replies(
-            self.prompt_lm,
-            text,
-            self.opt.candidates_per_step,
-            temperature=self.opt.temperature,
-            key=(self.opt.seed, step, index),
-            counter=self.prompt_counter,
-            stop=[BASE_STOP] if self.opt.meta_prompt == "base" else None,
-            num_threads=self.num_threads,
-        )
-        proposals = self._propose(step, index, replies)
-
-        budget = self._loop_budget()
-        # A screened candidate may cost only the first minibatch; `screen` then keeps within the budget.
-        cost = first_batch_size(len(self.trainset)) if self.opt.screening else len(self.trainset)
-        affordable = len(proposals) if budget == float("inf") else int(budget // cost)
-        if affordable < len(proposals):
-            proposals = proposals[:affordable]
-            self.budget_exhausted = True
-            logger.info("max_metric_calls reached: scoring %d candidate(s) at step %d, then stopping", affordable, step)
-        base = self.state.best.instructions
-        configs = [{**base, name: proposal} for proposal in proposals]
-        max_calls = None if budget == float("inf") else int(budget)
-        evaluations = self._score(configs, screened=self.opt.screening, max_calls=max_calls) if configs else []
-        new = [self._add(step, name, config, ev) for config, ev in zip(configs, evaluations, strict=True)]
+        pending = self._pending(step)
+        if pending is None:
+            text, chosen = self.meta_prompt_for(step, index)
+            logger.debug("Meta-prompt at step %d for %s:\n%s", step, name, text)
+            pending = PendingStep(step, name, chosen, text, replies=[None] * self.opt.candidates_per_step)
+            self.state.pending = pending
+        self._sample(pending, index)
+        if pending.configs is None:
+            proposals = self._propose(step, index, pending.replies)
+            budget = self._loop_budget()
+            # A screened candidate may cost only the first minibatch; `screen` then keeps within the budget.
+            cost = first_batch_size(len(self.trainset)) if self.opt.screening else len(self.trainset)
+            affordable = len(proposals) if budget == float("inf") else int(budget // cost)
+            if affordable < len(proposals):
+                proposals = proposals[:affordable]
+                pending.final = True
+                logger.info(
+                    "max_metric_calls reached: scoring %d candidate(s) at step %d, then stopping", affordable, step
+                )
+            base = self.state.best.instructions
+            pending.configs = [(name, {**base, name: proposal}) for proposal in proposals]
+            pending.budget = None if budget == float("inf") else int(budget)
+        evaluations = self._score_pending(pending, screened=self.opt.screening) if pending.configs else []
+        new = [
+            self._add(step, name, config, evaluation)
+            for (_, config), evaluation in zip(pending.configs, evaluations, strict=True)
+        ]
         best = self.state.best
         self.state.steps.append(
-            StepRecord(step, name, chosen, text, len(replies), [c.id for c in new], best.score, best.id)
+            StepRecord(
+                step,
+                name,
+                pending.exemplars,
+                pending.meta_prompt,
+                len(pending.replies),
+                [c.id for c in new],
+                best.score,
+                best.id,
+            )
         )
+        self.state.pending = None
+        self.budget_exhausted = self.budget_exhausted or pending.final
         self._save()
         logger.info(
             "Step %d (%s): %d new candidate(s)%s; best %.1f",
@@ -945,7 +1161,6 @@ class _Run:
             f" scoring {', '.join(f'{c.score:.1f}' for c in new)}" if new else "",
             best.score,
         )
-        return bool(replies) and all(isinstance(r, Exception) for r in replies)
 
     # --------------------------------------------------------- final choice
     def _select(self) -> Candidate:
@@ -954,8 +1169,7 @@ class _Run:
             self.state.selection = {"on": "trainset", "chosen": self.state.best_id}
             return self.state.best
         ranked, seen = [], set()
-        complete = (c for c in candidates if c.evaluated == len(self.trainset))
-        for candidate in sorted(complete, key=lambda c: (-c.score, c.id)):
+        for candidate in sorted(filter(self._usable, candidates), key=lambda c: (-c.score, c.id)):
             key = tuple(sorted(candidate.instructions.items()))
             if key not in seen:
                 seen.add(key)
@@ -966,23 +1180,24 @@ class _Run:
         start = next((c for c in ranked if c.step == 0), None)
         if start is not None and start not in finalists and len(finalists) >= 2:
             finalists = finalists[:-1] + [start]
-        todo = [c for c in finalists if c.val_score is None]
-        if self.opt.max_metric_calls is not None:
-            room = (self.opt.max_metric_calls - self.counts.metric_calls) // len(self.valset)
-            skipped = todo[max(room, 0) :]
-            todo = todo[: max(room, 0)]
-            if skipped:
-                logger.warning("max_metric_calls leaves no room to validate %d finalist(s)", len(skipped))
+        ids = [c.id for c in finalists]
+        plan = self.state.selection or {}
+        if plan.get("finalists") == ids and "validating" in plan:
+            todo = [candidates[i] for i in plan["validating"]]  # a stopped validation: same plan, same budget
+        else:
+            todo = [c for c in finalists if not (c.validation or {}).get("done")]
+            if self.opt.max_metric_calls is not None:
+                room = (self.opt.max_metric_calls - self.counts.metric_calls) // len(self.valset)
+                skipped = todo[max(room, 0) :]
+                todo = todo[: max(room, 0)]
+                if skipped:
+                    logger.warning("max_metric_calls leaves no room to validate %d finalist(s)", len(skipped))
+            self.state.selection = {"on": "valset", "finalists": ids, "validating": [c.id for c in todo]}
         if todo:
-            programs = [self._program(c.instructions) for c in todo]
-            evaluations = self._report(
-                programs, self.valset, self.scorer.evaluate(programs, self.valset), validation=True
-            )
-            for candidate, evaluation in zip(todo, evaluations, strict=True):
-                candidate.val_score = evaluation.score
+            self._validate(todo)
         validated = [c for c in finalists if c.val_score is not None]
         chosen = max(validated, key=lambda c: (c.val_score, c.score, -c.id)) if validated else self.state.best
-        self.state.selection = {"on": "valset", "finalists": [c.id for c in finalists], "chosen": chosen.id}
+        self.state.selection = {"on": "valset", "finalists": ids, "chosen": chosen.id}
         logger.info(
             "Chose candidate %d: train %.1f, validation %s",
             chosen.id,
@@ -990,6 +1205,30 @@ class _Run:
             "n/a" if chosen.val_score is None else f"{chosen.val_score:.1f}",
         )
         return chosen
+
+    def _validate(self, todo: list[Candidate]) -> None:
+        """Score ``todo`` on the valset; ``val_score`` only for those scored on every example."""
+        programs = [self._scoring_program(c.instructions) for c in todo]
+        known = [None if c.validation is None else Evaluation.from_json(c.validation) for c in todo]
+        try:
+            evaluations = self._report(
+                programs, self.valset, self.scorer.evaluate(programs, self.valset, known=known), validation=True
+            )
+        except TaskFailureError as exc:
+            for candidate, evaluation in zip(todo, exc.partial, strict=True):
+                candidate.validation = evaluation.to_json()
+            self._stopped(exc)
+            raise
+        for candidate, evaluation in zip(todo, evaluations, strict=True):
+            candidate.validation = {**evaluation.to_json(), "done": True}
+            candidate.val_score = evaluation.score if evaluation.complete else None
+            if not evaluation.complete:
+                logger.warning(
+                    "Finalist %d is left out: the program or the metric raised on %d validation example(s); first: %s",
+                    candidate.id,
+                    len(evaluation.program_errors),
+                    evaluation.first_error,
+                )
 
     def _save(self) -> None:
         if self.checkpoint is not None:

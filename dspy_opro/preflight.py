@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +34,7 @@ from typing import Any
 import dspy
 
 from .faults import FATAL, PROGRAM, TRANSIENT, classify, describe
-from .models import CallCounter, CallStats, is_local_model, lm_name
+from .models import CallCounter, is_local_model, lm_name
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +64,21 @@ class ModelCheckError(RuntimeError):
 
 @dataclass
 class CheckReport:
-    """What the set-up check did: calls and tokens spent, models checked and skipped."""
+    """What the set-up check did: the models probed (one request each), skipped, and those that failed
+    with a transient error (the run went on). The probes' calls and tokens are counted with each model's
+    other calls (see `check_models`), not here."""
 
-    stats: CallStats = field(default_factory=CallStats)
     checked: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     transient: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.stats.as_dict(), "models": list(self.checked), "skipped": list(self.skipped)}
+        return {
+            "calls": len(self.checked),
+            "errors": len(self.transient),
+            "models": list(self.checked),
+            "skipped": list(self.skipped),
+        }
 
 
 def is_checkable(lm: Any) -> bool:
@@ -124,7 +130,7 @@ def _quiet_truncation():
             target.removeFilter(_QUIET)
 
 
-def _probe(lm: dspy.LM, counter: CallCounter) -> Exception | None:
+def _probe(lm: dspy.LM, counter: CallCounter | None) -> Exception | None:
     probe = lm.copy(num_retries=0, cache=False)
     kwargs: dict[str, Any] = {}
     if "max_completion_tokens" not in probe.kwargs:  # reasoning models take their own budget
@@ -132,29 +138,40 @@ def _probe(lm: dspy.LM, counter: CallCounter) -> Exception | None:
     if isinstance(probe.engine, str):  # a custom engine owns its connection settings
         kwargs["timeout"] = PROBE_TIMEOUT_S
     try:
-        with counter.context(), _quiet_truncation():
+        with counter.context() if counter is not None else contextlib.nullcontext(), _quiet_truncation():
             probe(PROBE_PROMPT, **kwargs)
     except Exception as exc:  # classified by the caller
         return exc
     return None
 
 
-def check_models(models: Sequence[tuple[str, Any]], *, num_threads: int = 4) -> CheckReport:
+def _counter_for(roles: Sequence[str], counters: Mapping[str, CallCounter] | None) -> CallCounter | None:
+    """The run's counter for the first of ``roles`` that has one (a model shared by roles is billed once)."""
+    return next((counters[role] for role in roles if counters and role in counters), None)
+
+
+def check_models(
+    models: Sequence[tuple[str, Any]],
+    *,
+    num_threads: int = 4,
+    counters: Mapping[str, CallCounter] | None = None,
+) -> CheckReport:
     """Probe each distinct model once, in parallel; raise on the first that cannot work.
 
     Args:
         models: ``(role, lm)`` pairs, in the order errors should be reported. The same LM (or an
             identical copy) under several roles is probed once.
+        counters: Role to the run's `CallCounter` for that model: a probe is counted (and logged in
+            the call ledger) with the model's other calls, as the provider bills it.
         num_threads: Most probes in flight at once.
 
     Returns:
-        Calls and tokens spent, and which models were checked or skipped.
+        Which models were probed, skipped, or failed transiently.
 
     Raises:
         ModelCheckError: A model failed with a ``FATAL`` or ``PROGRAM`` error.
     """
     report = CheckReport()
-    counter = CallCounter(report.stats, forward_to=dspy.settings.usage_tracker)
     distinct: dict[tuple, tuple[list[str], Any]] = {}
     for role, lm in models:
         if lm is None:
@@ -169,7 +186,10 @@ def check_models(models: Sequence[tuple[str, Any]], *, num_threads: int = 4) -> 
     with ThreadPoolExecutor(
         max_workers=max(1, min(num_threads, len(entries))), thread_name_prefix="opro-check"
     ) as pool:
-        futures = [pool.submit(contextvars.copy_context().run, _probe, lm, counter) for _, lm in entries]
+        futures = [
+            pool.submit(contextvars.copy_context().run, _probe, lm, _counter_for(roles, counters))
+            for roles, lm in entries
+        ]
         outcomes = [future.result() for future in futures]
     for (roles, lm), error in zip(entries, outcomes, strict=True):
         name = lm_name(lm)

@@ -13,6 +13,10 @@ the examples it was run on, which is what the meta-prompt shows for it.
 
 Under ``max_metric_calls`` a step starts every new candidate whose first minibatch fits in the
 budget, and a later round that would pass it goes on with the leading candidates only.
+A round is decided only once every example of it has a score: `Scorer.evaluate` runs failed
+examples again before it returns, and a candidate's failures add up over its rounds against
+``max_errors``. A run that stopped replays the rounds from what it had measured, so it takes
+the same decisions and runs only the examples that have no score.
 `dspy_opro.OPRO` screens by default; ``screening=False`` scores as the reference does.
 """
 
@@ -24,6 +28,7 @@ from collections.abc import Sequence
 
 import dspy
 
+from .calls import TaskFailureError
 from .scoring import Evaluation, Scorer
 
 DEFAULT_Z = 2.0
@@ -72,6 +77,7 @@ def screen(
     z: float = DEFAULT_Z,
     first_batch: int | None = None,
     max_calls: int | None = None,
+    known: Sequence[Evaluation | None] | None = None,
 ) -> list[Evaluation]:
     """Score ``programs`` with early stopping (see the module docstring).
 
@@ -86,12 +92,19 @@ def screen(
         max_calls: Most (program, example) runs to spend. A round that would exceed it goes on
             with the candidates that lead so far, as many as fit; the others keep their partial
             scores (``evaluated`` below the set size), and screening ends when nothing fits.
+        known: Per program, results measured on ``examples`` by a run that stopped. Rounds are
+            replayed in the same order with the same decisions; only examples without a score run.
 
     Returns:
         One `Evaluation` per program; ``scores[j]`` is ``None`` for examples it was not run on.
+        A failure stops screening with `dspy_opro.calls.TaskFailureError` as `Scorer.evaluate`
+        does; its ``partial`` then holds one evaluation per program on the whole set, ``known``
+        results included.
     """
     n = len(examples)
-    results = [Evaluation(scores=[None] * n, traces=[{} for _ in range(n)]) for _ in programs]
+    results = [Evaluation.empty(n, traces=True) for _ in programs]
+    for i, earlier in enumerate(known or []):
+        results[i].failures = earlier.failures if earlier is not None else 0
     alive = list(range(len(programs)))
     start, left = 0, max_calls
     for end in batch_ends(n, first_batch or first_batch_size(n)):
@@ -103,17 +116,44 @@ def screen(
             left -= len(alive) * len(chunk)
         if not alive:
             break
-        evaluations = scorer.evaluate([programs[i] for i in alive], [examples[j] for j in chunk], capture_traces=True)
+        before = [_round_input(results[i], known[i] if known else None, chunk) for i in alive]
+        try:
+            evaluations = scorer.evaluate(
+                [programs[i] for i in alive],
+                [examples[j] for j in chunk],
+                capture_traces=True,
+                known=before,
+                numbers=chunk,
+            )
+        except TaskFailureError as stop:
+            for i, evaluation in zip(alive, stop.partial, strict=True):
+                results[i].update(evaluation, chunk)
+            stop.partial = [_with_known(result, known[i] if known else None) for i, result in enumerate(results)]
+            raise
         for i, evaluation in zip(alive, evaluations, strict=True):
-            result = results[i]
-            for position, j in enumerate(chunk):
-                result.scores[j] = evaluation.scores[position]
-                result.traces[j] = evaluation.traces[position]
-            result.failures += evaluation.failures
-            result.first_error = result.first_error or evaluation.first_error
+            results[i].update(evaluation, chunk)
         start = end
         if end < n:
             alive = [i for i in alive if wilson_upper(results[i].score / 100, end, z) >= threshold]
         if not alive:
             break
     return results
+
+
+def _round_input(result: Evaluation, known: Evaluation | None, chunk: list[int]) -> Evaluation:
+    """What a round starts from: earlier results on ``chunk`` (none yet) and the failures counted so far."""
+    start = (known or result).subset(chunk)
+    start.failures, start.strikes = result.failures, result.strikes
+    return start
+
+
+def _with_known(result: Evaluation, known: Evaluation | None) -> Evaluation:
+    """``result`` completed with the earlier results it has not reached yet (nothing measured is lost)."""
+    if known is None:
+        return result
+    merged = Evaluation.empty(len(result.scores), traces=True)
+    merged.update(known, range(len(result.scores)))
+    reached = [j for j, s in enumerate(result.scores) if s is not None or j in result.failed | result.program_errors]
+    merged.update(result.subset(reached), reached)
+    merged.failures = result.failures
+    return merged

@@ -7,7 +7,10 @@ is logged, so a test can compare what OPRO reports with what the server saw.
 
 Faults (`Fault`) are real protocol events: an HTTP status with an OpenAI-style error body and
 optional ``Retry-After``, a connection reset, a stall longer than the client's timeout, a body
-that is not JSON, or a reply with empty content. A plan is ``plan(request) -> Fault | None``;
+that is not JSON, or a reply with empty content. ``reply`` is called only for replies that are
+sent (not for a malformed body, nor for a stalled client that gave up), so a reply function
+that counts its calls counts what clients received. A stalled request whose client gave up is
+logged with its prompt tokens (what a provider bills) and ``delivered=False``. A plan is ``plan(request) -> Fault | None``;
 `FaultPlan` covers the usual ones (the first n requests, every k-th, a share at random, or an
 outage switched on and off by the test).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import select
 import socket
 import threading
 import time
@@ -65,6 +69,8 @@ class Request:
     status: int | None = None  # HTTP status sent; None for a reset
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    received: float = 0.0  # time.monotonic() on arrival
+    delivered: bool = False  # a response was sent (none after a reset, or to a stalled client that gave up)
 
     @property
     def text(self) -> str:
@@ -82,7 +88,8 @@ class Request:
 
     @property
     def succeeded(self) -> bool:
-        return self.status == 200 and (self.fault is None or self.fault.kind == "stall")
+        """A readable reply (an empty one included) reached the client."""
+        return self.delivered and self.status == 200 and (self.fault is None or self.fault.kind != "malformed")
 
 
 class FaultPlan:
@@ -218,7 +225,9 @@ class OpenAIServer:
     # ------------------------------------------------------------------ handling
     def _log(self, path: str, body: dict[str, Any], api_key: str | None) -> Request:
         with self._lock:
-            request = Request(index=len(self.requests), path=path, body=body, api_key=api_key)
+            request = Request(
+                index=len(self.requests), path=path, body=body, api_key=api_key, received=time.monotonic()
+            )
             self.requests.append(request)
         return request
 
@@ -245,6 +254,9 @@ _ERROR_TYPES = {
 class _Handler(BaseHTTPRequestHandler):
     server_state: OpenAIServer
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in separate writes; with Nagle's algorithm on, the body then waits for the
+    # client's delayed ACK (about 40 ms per request on Linux).
+    disable_nagle_algorithm = True
 
     def log_message(self, format, *args):  # keep test output clean
         pass
@@ -258,6 +270,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end (a read would return end-of-file at once)."""
+        ready, _, _ = select.select([self.connection], [], [], 0)
+        if not ready:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def do_GET(self):
         self._send_json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
@@ -286,6 +308,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
             error = {"message": fault.message, "type": _ERROR_TYPES.get(fault.status, "server_error"), "code": None}
             self._send_json(fault.status, {"error": error}, headers)
+            request.delivered = True
             return
         if fault is not None and fault.kind == "reset":
             request.status = None
@@ -300,7 +323,21 @@ class _Handler(BaseHTTPRequestHandler):
             state._stall(fault.seconds)
             if state._stopping.is_set():
                 return
+            if self._client_gone():  # it timed out: the prompt is billed, no reply is made or sent
+                request.status = 200
+                request.prompt_tokens = _tokens(request.text)
+                return
 
+        if fault is not None and fault.kind == "malformed":  # no reply is made: the body is cut short
+            data = b'{"id": "broken", "choices": [ {"message": '
+            request.status = 200
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            request.delivered = True
+            return
         text = "" if fault is not None and fault.kind == "empty" else state.reply(request)
         n = int(body.get("n") or 1)
         request.prompt_tokens = _tokens(request.text)
@@ -327,14 +364,6 @@ class _Handler(BaseHTTPRequestHandler):
             "choices": choices,
             "usage": usage,
         }
-        if fault is not None and fault.kind == "malformed":
-            data = b'{"id": "broken", "choices": [ {"message": '
-            request.status = 200
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            return
         request.status = 200
         self._send_json(200, payload)
+        request.delivered = True

@@ -91,3 +91,26 @@ def test_dspy_lm_reaches_it_through_litellm(server):
     lm = dspy.LM(**server.lm_kwargs(api_key="sk-right"), cache=False, num_retries=0)
     assert lm("hi")[0] == "echo: hi"
     assert server.count(succeeded=True) == 1
+
+
+def test_a_reply_is_made_only_for_what_is_sent_and_a_client_that_gave_up_gets_none():
+    made = []
+
+    def reply(request):
+        made.append(request.index)
+        return "made"
+
+    with OpenAIServer(reply) as srv:
+        srv.plan = FaultPlan(Fault("malformed"), first=1)
+        with pytest.raises(litellm.InternalServerError):
+            _call(srv, api_key="k")
+        srv.plan = FaultPlan(Fault("stall", seconds=1.0), first=1)
+        with pytest.raises(litellm.Timeout):
+            _call(srv, api_key="k", timeout=0.3)
+        time.sleep(1.2)  # the stalled handler wakes up and finds the client gone
+        assert _call(srv, api_key="k").choices[0].message.content == "made"
+        malformed, stalled, answered = srv.requests
+    assert made == [answered.index]
+    assert not stalled.delivered and stalled.prompt_tokens == 2 and not stalled.succeeded
+    assert malformed.delivered and not malformed.succeeded and answered.succeeded
+    assert stalled.received < answered.received

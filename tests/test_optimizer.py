@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 import threading
 
 import dspy
@@ -9,6 +10,9 @@ from opro_scripted import (
     ScriptedOptimizer,
     TwoStageOptimizer,
     TwoStageProgram,
+    answer_for,
+    chat_reply,
+    instruction_of,
     make_trainset,
     metric,
     task_lm,
@@ -17,6 +21,7 @@ from opro_scripted import (
 
 import dspy_opro
 from dspy_opro import OPRO
+from dspy_opro.calls import PromptModelError
 from dspy_opro.scoring import MetricError, TaskFailureError
 from dspy_opro.testing import scripted_lm
 
@@ -245,34 +250,54 @@ def test_resume_refuses_a_different_program_or_dataset(tmp_path):
 
 
 def test_history_file_is_json_and_holds_no_secret(tmp_path, caplog):
-    # A real litellm model with a key; there is no network here, so every proposal fails,
-    # which the run must also survive.
+    # A real litellm model with a key; there is no network here, so every proposal fails: the run stops
+    # with an error after saving, and neither the file, the logs nor the error show the key.
     secret = "sk-test-DO-NOT-LEAK-1234"
     prompt_model = dspy.LM("openai/gpt-4o-mini", api_key=secret, num_retries=0, engine="litellm")
-    with caplog.at_level(logging.DEBUG, logger="dspy_opro"):
-        program = opro(prompt_model=prompt_model, log_dir=str(tmp_path), num_steps=1, candidates_per_step=2).compile(
+    with caplog.at_level(logging.DEBUG, logger="dspy_opro"), pytest.raises(PromptModelError) as stopped:
+        opro(prompt_model=prompt_model, log_dir=str(tmp_path), num_steps=1, candidates_per_step=2).compile(
             dspy.Predict("question -> answer"), trainset=make_trainset(6)
         )
-    assert program.call_counts["prompt_lm"]["errors"] == 2
+    assert "prompt model 'openai/gpt-4o-mini' is unavailable" in str(stopped.value)
     text = (tmp_path / "opro_history.json").read_text()
     data = json.loads(text)
+    assert data["counts"]["prompt_lm"]["errors"] == 1 + 2  # the set-up check's request, then the two samples
+    assert data["pending"]["step"] == 1 and data["pending"]["replies"] == [None, None]
     assert {"candidates", "steps", "counts", "fingerprint"} <= set(data)
     assert all({"instruction", "score", "step", "predictor"} <= set(c) for c in data["candidates"])
-    assert secret not in text and secret not in caplog.text
+    assert secret not in text and secret not in caplog.text and secret not in str(stopped.value)
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
 def test_faults_in_both_models_are_counted_and_the_run_goes_on():
+    # Both models fail transiently: the prompt model on every third call of each meta-prompt, the task model on
+    # the first call of every (instruction, question) pair with A a multiple of 3. Retries recover every call,
+    # so no example is ever scored as wrong for a failure.
+    failed_once, lock = set(), threading.Lock()
+
+    def flaky(call):
+        question = re.search(r"What is \d+ plus \d+\?", call.user).group(0)
+        with lock:
+            first = (call.system, question) not in failed_once
+            failed_once.add((call.system, question))
+        if int(question.split()[2]) % 3 == 0 and first:
+            raise RuntimeError("scripted provider outage")
+        return chat_reply({"answer": answer_for(question, instruction_of(call))})
+
     optimizer = ScriptedOptimizer(fail_every=3, garbage_every=4)
-    program = opro(optimizer, task_model=task_lm(fail_every=3), max_errors=100, num_steps=3).compile(
-        dspy.Predict("question -> answer"), trainset=make_trainset(12)
-    )
+    program = opro(
+        optimizer, task_model=scripted_lm(flaky, model="scripted/task"), max_errors=100, num_steps=3
+    ).compile(dspy.Predict("question -> answer"), trainset=make_trainset(12))
     counts = program.call_counts
-    assert counts["prompt_lm"]["errors"] == 3 * 2  # samples 2 and 5 of 8 in each step
+    assert counts["prompt_lm"]["errors"] == 3 * 3  # 8 replies take calls 0-10 of each prompt; 2, 5 and 8 fail
+    assert 0 < counts["prompt_lm"]["retries"] <= counts["prompt_lm"]["errors"]
     assert counts["unparsed"] > 0
-    assert counts["task_failures"] > 0
-    assert all(c["failures"] == 4 for c in program.candidate_programs)  # A = 3, 6, 9, 12 always fail
-    assert program.score == pytest.approx(100 * 8 / 12)
+    assert counts["task_lm"]["errors"] == counts["task_lm"]["retries"] == 4 * len(program.candidate_programs)
+    assert counts["task_failures"] == 0
+    train = make_trainset(12)
+    for candidate in program.candidate_programs:  # every score is the instruction's true score
+        right = [answer_for(e.question, candidate["instruction"]) == e.answer for e in train]
+        assert candidate["score"] == pytest.approx(100 * sum(right) / 12) and candidate["failures"] == 0
 
 
 def test_too_many_task_failures_stop_with_a_clear_error_after_saving(tmp_path):
@@ -282,15 +307,17 @@ def test_too_many_task_failures_stop_with_a_clear_error_after_saving(tmp_path):
         )
 
 
-def test_a_prompt_model_that_always_fails_ends_the_run_early():
+def test_a_prompt_model_that_always_fails_ends_the_run_early(tmp_path):
     def broken(call):
         raise ConnectionError("no route to host")
 
-    program = opro(prompt_model=scripted_lm(broken, model="scripted/optimizer"), num_steps=10).compile(
-        dspy.Predict("question -> answer"), trainset=make_trainset(6)
-    )
-    assert len(program.trial_logs) == 1 + 3
-    assert program.call_counts["prompt_lm"]["errors"] == 3 * 8
+    with pytest.raises(PromptModelError, match="prompt model 'scripted/optimizer' is unavailable.*no route to host"):
+        opro(prompt_model=scripted_lm(broken, model="scripted/optimizer"), num_steps=10, log_dir=str(tmp_path)).compile(
+            dspy.Predict("question -> answer"), trainset=make_trainset(6)
+        )
+    saved = json.loads((tmp_path / "opro_history.json").read_text())
+    assert [s["step"] for s in saved["steps"]] == [0]  # the failed step is not saved as done
+    assert saved["counts"]["prompt_lm"]["errors"] == 8 * (1 + 3)  # each sample and its 3 retries
 
 
 def test_threads_give_the_same_result_as_one_thread():

@@ -86,7 +86,7 @@ class CountingScorer:
     def __init__(self):
         self.calls = 0
 
-    def evaluate(self, programs, examples, capture_traces=False):
+    def evaluate(self, programs, examples, capture_traces=False, known=None, numbers=None):
         from dspy_opro.scoring import Evaluation
 
         self.calls += len(programs) * len(examples)

@@ -148,7 +148,7 @@ class NumericCounts:
             invalid=dict(data.get("invalid", {})),
             errors=data.get("errors", 0),
             evaluations=data.get("evaluations", 0),
-            lm=CallStats(**data.get("lm", {})),
+            lm=CallStats.from_dict(data.get("lm", {})),
         )
 
 
