@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .packing import Documents
+
 # Keys per Cholesky factor in the Woodbury path. Smaller leaves mean cheaper factorisations but more
 # sequential steps; 16 to 64 is the useful range on CPU.
 LEAF_SIZE = 32
@@ -49,49 +51,120 @@ def chunk_mesa_attention(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """Chunkwise exact mesa attention (see :func:`mesa_module.ops.mesa_attention` for the arguments).
 
     Inputs are expected validated and in the compute dtype (float32 or float64); the Woodbury path
-    is taken when ``log_gamma`` is None or all zero, the per-token solver otherwise.
+    is taken when ``log_gamma`` is None or all zero, the per-token solver otherwise. With ``cu_seqlens``
+    (B == 1) every document starts a chunk of its own, so no chunk straddles a boundary.
 
     Returns:
-        ``o`` (B, T, H, Dv), or ``(o, (H_T, G_T))`` when ``output_final_state``.
+        ``o`` (B, T, H, Dv), or ``(o, (H_T, G_T))`` when ``output_final_state`` (leading dimension B,
+        or the number of documents with ``cu_seqlens``).
     """
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     lam = lam.expand(H, Dk)
+    docs = None if cu_seqlens is None else Documents.from_cu_seqlens(cu_seqlens)
+    lead = B if docs is None else docs.count
     if initial_state is None:
-        h0, g0 = q.new_zeros(B, H, Dk, Dk), q.new_zeros(B, H, Dv, Dk)
+        h0, g0 = q.new_zeros(lead, H, Dk, Dk), q.new_zeros(lead, H, Dv, Dk)
     else:
         h0, g0 = initial_state
         h0 = (h0 + h0.mT) / 2  # only the symmetric part of a statistic is meaningful
     woodbury = log_gamma is None or not bool((log_gamma != 0).any())
-    chunk = max(1, min(chunk_size, T))
-    o, h_t, g_t = _ChunkMesa.apply(q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury)
+    longest = T if docs is None else max(docs.lengths)
+    chunk = max(1, min(chunk_size, longest))
+    o, h_t, g_t = _ChunkMesa.apply(q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury, docs)
     if output_final_state:
         return o, (h_t, g_t)
     return o
 
 
 # ----------------------------------------------------------------------------------------------
-# Layout helpers: (B, T, H, D) <-> (B*H, N, C, D), zero-padded to N*C tokens. Padded tokens have
-# zero keys, values and queries, beta = 0 and log gamma = 0, so they change no statistic.
+# Layout: (B, T, H, D) <-> (B*H, N, C, D). Without documents the row is cut into chunks and zero-padded
+# to N*C tokens; with documents (B == 1) each document starts a chunk of its own and its last chunk is
+# zero-padded, so that no chunk straddles a boundary (what flash-linear-attention's varlen kernels do
+# too). Padded tokens have zero keys, values and queries, beta = 0 and log gamma = 0: they change no
+# statistic.
 
 
-def _to_chunks(x: torch.Tensor, num_chunks: int, chunk: int) -> torch.Tensor:
-    B, T, H = x.shape[:3]
-    x = x.reshape(B, T, H, -1).transpose(1, 2)
-    pad = num_chunks * chunk - T
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))
-    # Contiguous: for B = 1 the reshape can be a strided view, which every matmul would copy again.
-    return x.reshape(B * H, num_chunks, chunk, x.shape[-1]).contiguous()
+class _Layout:
+    """Where every token sits in the chunk layout, and where each document's state restarts and ends.
 
+    A "document" without ``cu_seqlens`` is a whole batch row (one document, its state (B*H, ...));
+    with ``cu_seqlens`` there are ``D`` documents in one row, each with its own initial and final state.
 
-def _from_chunks(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    BH, N, C, D = x.shape
-    return x.reshape(B, BH // B, N * C, D)[:, :, :T].transpose(1, 2).contiguous()
+    Attributes:
+        N: chunks, trailing empty ones included (see :meth:`pad_chunks`).
+        starts: chunk -> document, for the first chunk of every non-empty document.
+        ends: chunk -> document, for the last chunk of every non-empty document.
+        empty: documents without tokens (final state = initial state).
+        num_docs: D (1 without ``cu_seqlens``).
+    """
+
+    def __init__(self, B: int, T: int, chunk: int, docs: Documents | None, device: torch.device):
+        self.B, self.T, self.chunk, self.device = B, T, chunk, device
+        lengths = [T] if docs is None else docs.lengths
+        counts = [-(-length // chunk) for length in lengths]
+        firsts = [sum(counts[:d]) for d in range(len(counts))]
+        self.num_docs = len(lengths)
+        self.starts = {firsts[d]: d for d in range(self.num_docs) if counts[d]}
+        self.ends = {firsts[d] + counts[d] - 1: d for d in range(self.num_docs) if counts[d]}
+        self.empty = [d for d in range(self.num_docs) if not counts[d]]
+        self.N = sum(counts)
+        self.packed = docs is not None
+        self._counts, self._firsts = counts, firsts
+        self._gather = self._position = None
+        if self.packed:
+            # Source token of every padded slot (T: a zero row) and padded slot of every token.
+            slots = torch.full((self.N * chunk,), T, dtype=torch.long)
+            position = torch.empty(T, dtype=torch.long)
+            for d, (a, b) in enumerate(zip(docs.offsets[:-1], docs.offsets[1:], strict=True)):
+                if b > a:
+                    first = firsts[d] * chunk
+                    slots[first : first + b - a] = torch.arange(a, b)
+                    position[a:b] = torch.arange(first, first + b - a)
+            self._gather, self._position = slots.to(device), position.to(device)
+
+    def pad_chunks(self, N: int) -> None:
+        """Appends empty chunks (after every document) up to ``N`` chunks."""
+        if N > self.N and self.packed:
+            pad = torch.full(((N - self.N) * self.chunk,), self.T, dtype=torch.long, device=self.device)
+            self._gather = torch.cat([self._gather, pad])
+        self.N = max(N, self.N)
+
+    def doc_of_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) document of every chunk (``num_docs`` for trailing empty chunks) and (N,) the chunk after
+        that document's last one (N for trailing chunks)."""
+        owner = torch.full((self.N,), self.num_docs, dtype=torch.long)
+        after = torch.full((self.N,), self.N, dtype=torch.long)
+        for d, (first, count) in enumerate(zip(self._firsts, self._counts, strict=True)):
+            owner[first : first + count] = d
+            after[first : first + count] = first + count
+        return owner.to(self.device), after.to(self.device)
+
+    def to_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, ...) -> (B*H, N, C, D), D the product of the trailing dimensions (1 for none)."""
+        B, T, H = x.shape[:3]
+        if self.packed:
+            x = x.reshape(T, H, -1)
+            x = torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, self._gather)
+            return x.view(self.N, self.chunk, H, -1).permute(2, 0, 1, 3).contiguous()
+        x = x.reshape(B, T, H, -1).transpose(1, 2)
+        pad = self.N * self.chunk - T
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        # Contiguous: for B = 1 the reshape can be a strided view, which every matmul would copy again.
+        return x.reshape(B * H, self.N, self.chunk, x.shape[-1]).contiguous()
+
+    def from_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B*H, N, C, D) -> (B, T, H, D)."""
+        BH, N, C, D = x.shape
+        if self.packed:
+            return x.reshape(BH, N * C, D).index_select(1, self._position).transpose(0, 1).unsqueeze(0).contiguous()
+        return x.reshape(self.B, BH // self.B, N * C, D)[:, :, : self.T].transpose(1, 2).contiguous()
 
 
 class _Decay:
@@ -146,6 +219,52 @@ def _scan(updates: torch.Tensor, decay: torch.Tensor | None, init: torch.Tensor,
     return states, s
 
 
+def _scan_documents(updates: torch.Tensor, decay: torch.Tensor | None, init: torch.Tensor, layout: _Layout):
+    """:func:`_scan` over the documents of a layout, each restarting from its own initial state.
+
+    Args:
+        updates, decay: as for :func:`_scan`, over the layout's N chunks.
+        init: (D, BH, a, b) initial state of every document.
+
+    Returns:
+        ``(states, final)``: (BH, N, a, b) states entering every chunk and (D, BH, a, b) every document's
+        final state (its initial state if it is empty).
+    """
+    states = torch.empty_like(updates)
+    final = init.clone()
+    s = init[0]
+    for n in range(updates.shape[1]):
+        if n in layout.starts:
+            s = init[layout.starts[n]]
+        states[:, n] = s
+        s = updates[:, n] + (s if decay is None else s * decay[:, n, None, None])
+        if n in layout.ends:
+            final[layout.ends[n]] = s
+    return states, final
+
+
+def _scan_documents_adjoint(updates: torch.Tensor, decay: torch.Tensor | None, d_final: torch.Tensor, layout: _Layout):
+    """Reverse of :func:`_scan_documents`: the adjoints of the states leaving every chunk, and of every
+    document's initial state, from the per-chunk adjoint contributions and the final states' adjoints.
+
+    Returns:
+        ``(states, d_init)``: (BH, N, a, b) and (D, BH, a, b).
+    """
+    states = torch.empty_like(updates)
+    d_init = torch.zeros_like(d_final)
+    for d in layout.empty:
+        d_init[d] = d_final[d]  # an empty document hands its initial state on unchanged
+    s = torch.zeros_like(d_final[0])
+    for n in range(updates.shape[1] - 1, -1, -1):
+        if n in layout.ends:
+            s = d_final[layout.ends[n]]  # the next document restarted: nothing flows back across the boundary
+        states[:, n] = s
+        s = updates[:, n] + (s if decay is None else s * decay[:, n, None, None])
+        if n in layout.starts:
+            d_init[layout.starts[n]] = s
+    return states, d_init
+
+
 def _chunk_updates(x: torch.Tensor, k: torch.Tensor, decay: _Decay | None) -> torch.Tensor:
     """Per-chunk state contribution ``sum_i (decay to chunk end) x_i k_i^T``: (BH, N, Dx, Dk)."""
     if decay is not None:
@@ -166,7 +285,7 @@ def _spd_inverse(a: torch.Tensor) -> torch.Tensor:
 
 
 def _woodbury_factors(
-    ks: torch.Tensor, lam: torch.Tensor, h_blocks: torch.Tensor, chunks_per_block: int
+    ks: torch.Tensor, lam: torch.Tensor, h_starts: torch.Tensor, chunks_per_block: int, restarts: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse at every chunk start and the Woodbury rows ``W`` of every chunk (gamma = 1).
 
@@ -174,27 +293,35 @@ def _woodbury_factors(
     chunk start, ``M = I + K P K^T = R R^T`` and ``W = R^{-1} K P``: a leading block of a Cholesky
     factor is the factor of the leading block, so one factor serves every token of the chunk.
     Leaves of ``LEAF_SIZE`` keys are factored one after the other and ``P`` is downdated between
-    them; blocks of chunks run in parallel from an exact inverse at their start.
+    them; blocks of chunks run in parallel from an exact inverse at their start, and a chunk that
+    begins a document restarts from the exact inverse of that document's initial state.
 
     Args:
         ks: (BH, N, C, Dk) keys scaled by ``sqrt(beta)``.
         lam: (BH, Dk) diagonal regulariser.
-        h_blocks: (BH, N / chunks_per_block, Dk, Dk) statistic ``H`` at each block start.
-        chunks_per_block: chunks handled sequentially per block.
+        h_starts: (BH, N, Dk, Dk) statistic ``H`` entering every chunk.
+        chunks_per_block: chunks handled sequentially per block (N is a multiple).
+        restarts: chunks other than block starts whose inverse is computed exactly (document starts).
 
     Returns:
         ``(p, w)``: (BH, N, Dk, Dk) inverses at chunk starts and (BH, N, C, Dk) rows ``W``.
     """
     BH, N, C, Dk = ks.shape
     blocks = N // chunks_per_block
-    a = h_blocks.clone()
+    exact = sorted(set(range(0, N, chunks_per_block)) | {n for n in restarts if n % chunks_per_block})
+    a = h_starts[:, exact]
     a.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
-    p = _spd_inverse(a).reshape(BH * blocks, Dk, Dk)
+    p_exact = _spd_inverse(a)  # (BH, len(exact), Dk, Dk)
+    where = {n: i for i, n in enumerate(exact)}
+    p = p_exact[:, [where[n] for n in range(0, N, chunks_per_block)]].reshape(BH * blocks, Dk, Dk)
     ks = ks.view(BH, blocks, chunks_per_block, C, Dk)
     p_starts = ks.new_empty(BH, blocks, chunks_per_block, Dk, Dk)
     w = torch.empty_like(ks)
     eye = {}
     for j in range(chunks_per_block):
+        reset = [b for b in range(blocks) if j and b * chunks_per_block + j in where]
+        if reset:
+            p.view(BH, blocks, Dk, Dk)[:, reset] = p_exact[:, [where[b * chunks_per_block + j] for b in reset]]
         p_starts[:, :, j] = p.view(BH, blocks, Dk, Dk)
         for r0 in range(0, C, LEAF_SIZE):
             r1 = min(r0 + LEAF_SIZE, C)
@@ -337,10 +464,10 @@ class _ChunkMesa(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury):
+    def forward(ctx, q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury, docs):
         # Everything runs in the inputs' dtype (float32 or float64): autocast would put products in bf16.
         with torch.autocast(q.device.type, enabled=False):
-            return _ChunkMesa._forward(ctx, q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury)
+            return _ChunkMesa._forward(ctx, q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury, docs)
 
     @staticmethod
     @once_differentiable
@@ -350,40 +477,40 @@ class _ChunkMesa(torch.autograd.Function):
             return _ChunkMesa._backward(ctx, do, dh_t, dg_t)
 
     @staticmethod
-    def _forward(ctx, q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury):
+    def _forward(ctx, q, k, v, lam, beta, log_gamma, h0, g0, chunk, woodbury, docs):
         B, T, H, Dk = q.shape
         Dv = v.shape[-1]
         BH = B * H
-        N = -(-T // chunk)
+        layout = _Layout(B, T, chunk, docs, q.device)
         per_block = 1
         if woodbury:
             # Blocks of chunks share one exact inverse at their start; pad N to whole blocks. (A block
             # length balancing the per-block inverses against the sequential steps measured no faster.)
             leaves = -(-chunk // LEAF_SIZE)
-            per_block = min(N, max(1, MAX_STEPS_PER_BLOCK // leaves))
-            blocks = -(-N // per_block)
-            per_block = -(-N // blocks)
-            N = blocks * per_block
-        qc, kc, vc = (_to_chunks(x, N, chunk) for x in (q, k, v))
-        bc = None if beta is None else _to_chunks(beta, N, chunk)[..., 0]
-        lgc = None if log_gamma is None else _to_chunks(log_gamma, N, chunk)[..., 0]
+            per_block = min(layout.N, max(1, MAX_STEPS_PER_BLOCK // leaves))
+            blocks = -(-layout.N // per_block)
+            per_block = -(-layout.N // blocks)
+            layout.pad_chunks(blocks * per_block)
+        N = layout.N
+        qc, kc, vc = (layout.to_chunks(x) for x in (q, k, v))
+        bc = None if beta is None else layout.to_chunks(beta)[..., 0]
+        lgc = None if log_gamma is None else layout.to_chunks(log_gamma)[..., 0]
         decay = None if lgc is None else _Decay(lgc, q.dtype)
         total = None if decay is None else decay.total
         lam_bh = lam.repeat(B, 1)
-        h0, g0 = h0.reshape(BH, Dk, Dk), g0.reshape(BH, Dv, Dk)
+        # Initial states per document: (D, BH, ...), D = 1 without cu_seqlens (then BH rows of one "document").
+        h0, g0 = h0.reshape(layout.num_docs, BH, Dk, Dk), g0.reshape(layout.num_docs, BH, Dv, Dk)
         kb = kc if bc is None else kc * bc[..., None]  # written keys, beta_i k_i
 
-        g_starts, g_t = _scan(_chunk_updates(vc, kb, decay), total, g0)
-        p_starts = w = h_starts = None
+        g_starts, g_t = _scan_documents(_chunk_updates(vc, kb, decay), total, g0, layout)
+        h_starts, h_t = _scan_documents(_chunk_updates(kb, kc, decay), total, h0, layout)
+        p_starts = w = None
         if woodbury:
-            # The key statistic is needed only at block starts and at the end (no decay here).
-            rows = (BH, N // per_block, per_block * chunk, Dk)
-            h_blocks, h_t = _scan(kb.view(rows).mT @ kc.view(rows), None, h0)
             ks = kc if bc is None else kc * bc.sqrt()[..., None]
-            p_starts, w = _woodbury_factors(ks, lam_bh, h_blocks, per_block)
+            p_starts, w = _woodbury_factors(ks, lam_bh, h_starts, per_block, list(layout.starts))
+            h_starts = None
             x = _woodbury_solve(qc, p_starts, w)
         else:
-            h_starts, h_t = _scan(_chunk_updates(kb, kc, decay), total, h0)
             sub = _eig_subchunk(chunk)
             if sub:
                 x = _eig_woodbury_solve(qc, kc, kb, bc, lam_bh, lgc, h_starts, sub)
@@ -403,19 +530,21 @@ class _ChunkMesa(torch.autograd.Function):
         # Intermediates live on ctx; the final states serve only the log-gamma gradient.
         final = None if decay is None else (h_t.clone(), g_t.clone())
         ctx.solver = (x, g_starts, p_starts, w, h_starts, lam_bh, final)
-        ctx.shape = (B, T, H)
-        return _from_chunks(o, B, T), h_t.view(B, H, Dk, Dk), g_t.view(B, H, Dv, Dk)
+        ctx.layout = layout
+        lead = B if docs is None else layout.num_docs
+        return layout.from_chunks(o), h_t.view(lead, H, Dk, Dk), g_t.view(lead, H, Dv, Dk)
 
     @staticmethod
     def _backward(ctx, do, dh_t, dg_t):
         kc, vc, bc, lgc = ctx.saved_tensors
         x, g_starts, p_starts, w, h_starts, lam_bh, final = ctx.solver
-        B, T, H = ctx.shape
+        layout = ctx.layout
+        B = layout.B
         BH, N, C, Dk = kc.shape
-        Dv = vc.shape[-1]
+        H, D, Dv = BH // B, layout.num_docs, vc.shape[-1]
         decay = None if lgc is None else _Decay(lgc, kc.dtype)
         total = None if decay is None else decay.total
-        doc = _to_chunks(do.to(kc.dtype), N, C)
+        doc = layout.to_chunks(do.to(kc.dtype))
         kb = kc if bc is None else kc * bc[..., None]
 
         # dx_t = G_t^T do_t, a linear-attention read of the value statistic.
@@ -436,12 +565,11 @@ class _ChunkMesa(torch.autograd.Function):
         # Adjoints of the statistics, dL/dG_t = do_t x_t^T and dL/dH_t = -y_t x_t^T, accumulated
         # backwards through the decays: rg/rh[:, n] are the adjoints of the states leaving chunk n.
         do_in, y_in = (doc, y) if decay is None else (doc * decay.inside[..., None], y * decay.inside[..., None])
-        dg_end = kc.new_zeros(BH, Dv, Dk) if dg_t is None else dg_t.reshape(BH, Dv, Dk).to(kc.dtype)
-        dh_end = kc.new_zeros(BH, Dk, Dk) if dh_t is None else dh_t.reshape(BH, Dk, Dk).to(kc.dtype)
-        rg, dg0 = _scan(do_in.mT @ x, total, dg_end, reverse=True)
-        rh, dh0 = _scan(-(y_in.mT @ x), total, dh_end, reverse=True)
+        dg_end = kc.new_zeros(D, BH, Dv, Dk) if dg_t is None else dg_t.reshape(D, BH, Dv, Dk).to(kc.dtype)
+        dh_end = kc.new_zeros(D, BH, Dk, Dk) if dh_t is None else dh_t.reshape(D, BH, Dk, Dk).to(kc.dtype)
+        rg, dg0 = _scan_documents_adjoint(do_in.mT @ x, total, dg_end, layout)
+        rh, dh0 = _scan_documents_adjoint(-(y_in.mT @ x), total, dh_end, layout)
         del do_in, y_in, dx
-
         # Per token, with Zg_t, Zh_t the accumulated adjoints: zg_k = Zg_t k_t, zh_k = Zh_t k_t,
         # zg_v = Zg_t^T v_t and zh_tk = Zh_t^T k_t. Pairs inside the chunk come from (C, C) score
         # matrices, later chunks through rg/rh; each (C, C) matrix is dropped once used.
@@ -479,19 +607,25 @@ class _ChunkMesa(torch.autograd.Function):
                 d_cum -= bc * db_tok
             else:
                 d_cum -= (vc * zg_k).sum(-1) + (kc * zh_k).sum(-1)
+            # Summed within each document only: a restart cuts every decay across the boundary.
+            owner, after = layout.doc_of_chunk()
             d_lg = d_cum.flatten(1).flip(-1).cumsum(-1).flip(-1)
-            # A final state read by the loss depends on every log gamma through its whole decay.
-            d_lg += (dh_end * final[0]).sum((-2, -1))[:, None] + (dg_end * final[1]).sum((-2, -1))[:, None]
-            dlog_gamma = _from_chunks(d_lg.view(BH, N, C, 1), B, T)[..., 0]
+            d_lg = d_lg.view(BH, N, C) - F.pad(d_lg, (0, 1))[:, after * C, None]
+            # A final state read by the loss depends on every log gamma of its document through its whole decay.
+            read = (dh_end * final[0]).sum((-2, -1)) + (dg_end * final[1]).sum((-2, -1))  # (D, BH)
+            d_lg += F.pad(read, (0, 0, 0, 1))[owner].T[..., None]
+            dlog_gamma = layout.from_chunks(d_lg[..., None])[..., 0]
+        lead = D if layout.packed else B
         return (
-            _from_chunks(y, B, T),
-            _from_chunks(dk, B, T),
-            _from_chunks(dv, B, T),
+            layout.from_chunks(y),
+            layout.from_chunks(dk),
+            layout.from_chunks(dv),
             dlam,
-            None if bc is None else _from_chunks(db_tok[..., None], B, T)[..., 0],
+            None if bc is None else layout.from_chunks(db_tok[..., None])[..., 0],
             dlog_gamma,
-            dh0.view(B, H, Dk, Dk),
-            dg0.view(B, H, Dv, Dk),
+            dh0.view(lead, H, Dk, Dk),
+            dg0.view(lead, H, Dv, Dk),
+            None,
             None,
             None,
         )
