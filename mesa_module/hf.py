@@ -32,7 +32,7 @@ except ImportError as error:  # the rest of mesa_module works without transforme
         "mesa_module.hf needs transformers 5.24 or newer: install the hf extra, pip install -e '.[hf]'"
     ) from error
 
-from .layer import MesaState
+from .layer import MesaLayer, MesaState
 from .model import KVCache, MesaLM, MesaLMConfig
 from .packing import cu_seqlens_from_position_ids
 
@@ -255,6 +255,16 @@ class MesaForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # forward creates a MesaCache; a DynamicCache cannot hold mesa states
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, keeping the regulariser's ``_no_weight_decay`` flag."""
+        model = super().from_pretrained(*args, **kwargs)
+        # Loading puts new Parameter objects in place, without the flag that optimisers read to skip weight decay.
+        for module in model.modules():
+            if isinstance(module, MesaLayer):
+                module.lambda_theta._no_weight_decay = True
+        return model
 
     @classmethod
     def from_mesa_lm(cls, model: MesaLM, **config_kwargs) -> MesaForCausalLM:

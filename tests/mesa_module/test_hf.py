@@ -162,6 +162,7 @@ def test_save_and_load_round_trip_through_auto_classes(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, MesaForCausalLM)
     assert loaded.model.lm_head.weight is loaded.model.wte.weight
+    assert loaded.model.blocks[0].attn.lambda_theta._no_weight_decay  # optimisers still leave it out of decay
     for (name, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
         assert torch.equal(p, q), name
     idx = tokens(2, 7)
