@@ -22,6 +22,10 @@ chunkwise products. Only per-chunk quantities are kept for it, so memory stays l
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -387,17 +391,82 @@ def _eig_subchunk(chunk: int) -> int:
     return sub if sub >= 4 else 0
 
 
+class _EigBases(NamedTuple):
+    """Eigendecomposition ``D H_s D = U S U^T`` at every sub-chunk start (``D = Lambda^{-1/2}``), computed in the
+    forward pass and kept for the backward solve: (Dk^2 + 2 Dk) numbers per sub-chunk and token."""
+
+    s: torch.Tensor  # (BH, M, Dk) eigenvalues, clamped at 0
+    u: torch.Tensor  # (BH, M, Dk, Dk) eigenvectors
+    keys: torch.Tensor  # (BH, M, sub, Dk) scaled keys of the sub-chunk in its eigenbasis, (D k_i)^T U
+
+
+def _eig_bases(
+    k: torch.Tensor, kb: torch.Tensor, lam: torch.Tensor, log_gamma: torch.Tensor, h_starts: torch.Tensor, sub: int
+) -> _EigBases:
+    """The sub-chunk states rebuilt from the chunk states, and their eigendecompositions.
+
+    Args:
+        k, kb: (BH, N, C, Dk) keys and written keys ``beta k``. lam: (BH, Dk). log_gamma: (BH, N, C).
+        h_starts: (BH, N, Dk, Dk) statistic at the chunk starts.
+        sub: tokens per sub-chunk, a divisor of C.
+    """
+    BH, N, C, Dk = k.shape
+    per_chunk = C // sub
+    decay = _Decay(log_gamma.reshape(BH * N, per_chunk, sub), k.dtype)
+    updates = _chunk_updates(kb.reshape(-1, per_chunk, sub, Dk), k.reshape(-1, per_chunk, sub, Dk), decay)
+    starts, _ = _scan(updates, decay.total, h_starts.reshape(-1, Dk, Dk))
+    scale = lam.rsqrt()
+    starts = starts.view(BH, N * per_chunk, Dk, Dk) * scale[:, None, :, None] * scale[:, None, None, :]
+    s, u = _lapack(torch.linalg.eigh, starts)
+    keys = (k.reshape(BH, N * per_chunk, sub, Dk) * scale[:, None, None, :]) @ u
+    return _EigBases(s.clamp_min_(0), u, keys)  # H is positive semidefinite; rounding can leave -eps eigenvalues
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _lapack(fn, *args, dim: int = 1):
+    """``fn(*args)`` for a batched LAPACK routine, the batch (dimension ``dim``) split across the CPU threads.
+
+    torch runs a batch of small LAPACK problems one after the other, and LAPACK threads each small problem
+    internally, which on a machine whose other cores are busy makes every parallel region wait for a
+    descheduled thread (64 x 64 ``eigh`` measured 8 to 20 times slower with two intra-op threads than with one).
+    Here each of ``torch.get_num_threads()`` Python threads solves a slice of the batch with one intra-op
+    thread (torch releases the GIL inside the call). Elsewhere than on CPU, or with one thread, ``fn(*args)``.
+    """
+    threads = torch.get_num_threads()
+    M = args[0].shape[dim]
+    if args[0].device.type != "cpu" or threads == 1 or M < threads:
+        return fn(*args)
+    global _POOL
+    with _POOL_LOCK:  # the intra-op thread count is process-wide: one such section at a time
+        if _POOL is None or _POOL._max_workers < threads:
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mesa-lapack")
+        bounds = [M * i // threads for i in range(threads + 1)]
+        torch.set_num_threads(1)
+        try:
+            parts = [
+                _POOL.submit(fn, *(a.narrow(dim, lo, hi - lo) for a in args))
+                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+            ]
+            parts = [f.result() for f in parts]
+        finally:
+            torch.set_num_threads(threads)
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p, dim=dim) for p in zip(*parts, strict=True))
+    return torch.cat(parts, dim=dim)
+
+
 def _eig_woodbury_solve(
     rhs: torch.Tensor,
-    k: torch.Tensor,
-    kb: torch.Tensor,
+    bases: _EigBases,
     beta: torch.Tensor | None,
     lam: torch.Tensor,
     log_gamma: torch.Tensor,
-    h_starts: torch.Tensor,
     sub: int,
 ) -> torch.Tensor:
-    """Rows ``(H_t + Lambda)^{-1} r_t`` for gated inputs, exactly, from one eigendecomposition per sub-chunk.
+    """Rows ``(H_t + Lambda)^{-1} r_t`` for gated inputs, exactly, from the eigendecomposition at each sub-chunk start.
 
     In the basis scaled by ``D = Lambda^{-1/2}`` the undecayed regulariser is the identity. For token t of a
     sub-chunk that starts in state ``H_s``, with ``e_t`` the decay since the start and ``D H_s D = U S U^T``,
@@ -406,47 +475,41 @@ def _eig_woodbury_solve(
 
     whose first term is diagonal in the eigenbasis for every t. Woodbury then needs only a (sub x sub)
     capacitance matrix ``I + F_t B_t^{-1} F_t^T`` per token, ``B_t = I + e_t S``: O(sub^2 Dk) per token in
-    batched products plus one small factorisation, and O(Dk^3 / sub) for the eigendecomposition.
-
-    A few chunks at a time (``SOLVE_GROUP_ELEMENTS``), the sub-chunk states are rebuilt from the chunk states
-    and decomposed, so nothing of size T Dk^2 / sub is ever held; the backward pass repeats this.
+    batched products plus one small factorisation. A few chunks at a time (``SOLVE_GROUP_ELEMENTS``).
 
     Args:
-        rhs, k, kb: (BH, N, C, Dk) right-hand sides, keys and written keys ``beta k``.
+        rhs: (BH, N, C, Dk) right-hand sides.
+        bases: the sub-chunk eigendecompositions from :func:`_eig_bases`.
         beta: (BH, N, C) or None. lam: (BH, Dk). log_gamma: (BH, N, C).
-        h_starts: (BH, N, Dk, Dk) statistic at the chunk starts.
         sub: tokens per sub-chunk, a divisor of C.
     """
-    BH, N, C, Dk = k.shape
+    BH, N, C, Dk = rhs.shape
     per_chunk = C // sub
     scale = lam.rsqrt()[:, None, None, :]  # D, as a row scaling
-    eye = torch.eye(sub, dtype=k.dtype, device=k.device)
+    eye = torch.eye(sub, dtype=rhs.dtype, device=rhs.device)
     group = max(1, SOLVE_GROUP_ELEMENTS // (BH * C * sub * Dk))
     out = torch.empty_like(rhs)
     for n0 in range(0, N, group):
         n = slice(n0, min(n0 + group, N))
         M = (n.stop - n.start) * per_chunk  # sub-chunks in this group, per batch and head
-        decay = _Decay(log_gamma[:, n].reshape(BH * M // per_chunk, per_chunk, sub), k.dtype)
-        keys = k[:, n].reshape(BH, M, sub, Dk)
-        updates = _chunk_updates(kb[:, n].reshape(-1, per_chunk, sub, Dk), keys.reshape(-1, per_chunk, sub, Dk), decay)
-        starts, _ = _scan(updates, decay.total, h_starts[:, n].reshape(-1, Dk, Dk))
-        s, u = torch.linalg.eigh(starts.view(BH, M, Dk, Dk) * scale.mT * scale)
-        s = s.clamp_min(0)  # H is positive semidefinite; rounding can leave -eps eigenvalues
-        inside, pair = decay.inside.view(BH, M, sub), decay.pair.view(BH, M, sub, sub)
-        weights = (pair if beta is None else pair * beta[:, n].reshape(BH, M, 1, sub)).sqrt()  # (BH, M, t, i)
+        m = slice(n.start * per_chunk, n.stop * per_chunk)
+        decay = _Decay(log_gamma[:, n].reshape(BH, M, sub), rhs.dtype)
+        s, u, keys = bases.s[:, m], bases.u[:, m], bases.keys[:, m]
+        weights = decay.pair if beta is None else decay.pair * beta[:, n].reshape(BH, M, 1, sub)
+        weights = weights.sqrt_()  # (BH, M, t, i)
 
-        keys = (keys * scale) @ u  # scaled keys in the eigenbasis, (BH, M, i, Dk)
-        b_inv = 1.0 / (1.0 + inside[..., None] * s[:, :, None, :])  # diagonal of B_t^{-1}: (BH, M, t, Dk)
+        b_inv = (decay.inside[..., None] * s[:, :, None, :]).add_(1.0).reciprocal_()  # B_t^{-1}: (BH, M, t, Dk)
         # Capacitance I + F_t B_t^{-1} F_t^T for every t at once: B_t^{-1} changes with t only through
         # its diagonal, so one product with the pairwise key products gives all of them.
         pairs = (keys[:, :, :, None, :] * keys[:, :, None, :, :]).view(BH, M, sub * sub, Dk)
         capacitance = (b_inv @ pairs.mT).view(BH, M, sub, sub, sub)
+        del pairs
         capacitance *= weights[..., :, None] * weights[..., None, :]
         capacitance += eye
         z = b_inv * ((rhs[:, n].reshape(BH, M, sub, Dk) * scale) @ u)  # B_t^{-1} r_t in the eigenbasis
         small = (z @ keys.mT) * weights  # F_t B_t^{-1} r_t: (BH, M, t, i)
-        factor = torch.linalg.cholesky_ex(capacitance)[0]
-        small = torch.cholesky_solve(small[..., None], factor)[..., 0]
+        factor = _lapack(lambda a: torch.linalg.cholesky_ex(a)[0], capacitance)
+        small = _lapack(torch.cholesky_solve, small[..., None], factor)[..., 0]
         z = z - b_inv * ((small * weights) @ keys)
         out[:, n] = ((z @ u.mT) * scale).view(BH, -1, C, Dk)
     return out
@@ -504,7 +567,7 @@ class _ChunkMesa(torch.autograd.Function):
 
         g_starts, g_t = _scan_documents(_chunk_updates(vc, kb, decay), total, g0, layout)
         h_starts, h_t = _scan_documents(_chunk_updates(kb, kc, decay), total, h0, layout)
-        p_starts = w = None
+        p_starts = w = eig = None
         if woodbury:
             ks = kc if bc is None else kc * bc.sqrt()[..., None]
             p_starts, w = _woodbury_factors(ks, lam_bh, h_starts, per_block, list(layout.starts))
@@ -513,7 +576,8 @@ class _ChunkMesa(torch.autograd.Function):
         else:
             sub = _eig_subchunk(chunk)
             if sub:
-                x = _eig_woodbury_solve(qc, kc, kb, bc, lam_bh, lgc, h_starts, sub)
+                eig = _eig_bases(kc, kb, lam_bh, lgc, h_starts, sub)  # kept for the backward solve
+                x = _eig_woodbury_solve(qc, eig, bc, lam_bh, lgc, sub)
             else:
                 x = _direct_solve(qc, kc, bc, lam_bh, h_starts, decay)
         del qc  # large temporaries go as soon as they are used: peak memory is a few (T, H, D) tensors
@@ -529,7 +593,7 @@ class _ChunkMesa(torch.autograd.Function):
         ctx.save_for_backward(kc, vc, bc, lgc)
         # Intermediates live on ctx; the final states serve only the log-gamma gradient.
         final = None if decay is None else (h_t.clone(), g_t.clone())
-        ctx.solver = (x, g_starts, p_starts, w, h_starts, lam_bh, final)
+        ctx.solver = (x, g_starts, p_starts, w, None if eig else h_starts, eig, lam_bh, final)
         ctx.layout = layout
         lead = B if docs is None else layout.num_docs
         return layout.from_chunks(o), h_t.view(lead, H, Dk, Dk), g_t.view(lead, H, Dv, Dk)
@@ -537,7 +601,7 @@ class _ChunkMesa(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, do, dh_t, dg_t):
         kc, vc, bc, lgc = ctx.saved_tensors
-        x, g_starts, p_starts, w, h_starts, lam_bh, final = ctx.solver
+        x, g_starts, p_starts, w, h_starts, eig, lam_bh, final = ctx.solver
         layout = ctx.layout
         B = layout.B
         BH, N, C, Dk = kc.shape
@@ -557,8 +621,8 @@ class _ChunkMesa(torch.autograd.Function):
         # dq_t = y_t = (H_t + Lambda)^{-1} dx_t, with the same matrices as the forward solve.
         if p_starts is not None:
             y = _woodbury_solve(dx, p_starts, w)
-        elif _eig_subchunk(C):
-            y = _eig_woodbury_solve(dx, kc, kb, bc, lam_bh, lgc, h_starts, _eig_subchunk(C))
+        elif eig is not None:
+            y = _eig_woodbury_solve(dx, eig, bc, lam_bh, lgc, _eig_subchunk(C))
         else:
             y = _direct_solve(dx, kc, bc, lam_bh, h_starts, decay)
 

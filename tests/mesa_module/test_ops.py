@@ -143,6 +143,23 @@ def test_gated_solvers_match_naive(monkeypatch, gate, subchunk, group_elements):
         assert rel_err(got[name], want[name]) <= 1e-10, name
 
 
+def test_lapack_calls_split_across_threads():
+    """With two intra-op threads the gated path's small LAPACK problems run on two Python threads, one intra-op
+    thread each; results and gradients are those of one thread, and the thread count comes back."""
+    inputs = make_inputs(1, 90, 3, 6, 5, gate=GATES["weak"], beta=True, initial_state=True)
+    g = torch.Generator().manual_seed(4)
+    weights = [torch.randn(*s, generator=g, dtype=torch.float64) for s in ((1, 90, 3, 5), (1, 3, 6, 6), (1, 3, 5, 6))]
+    want = grads_of(inputs, "chunk", weights)
+    torch.set_num_threads(2)
+    try:
+        got = grads_of(inputs, "chunk", weights)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    for name in want:
+        assert rel_err(got[name], want[name]) <= 1e-13, name
+
+
 @pytest.mark.parametrize("method", FAST_METHODS)
 def test_hard_reset_gate(method):
     """gamma = 0 (log gamma = -inf) forgets everything before, as at a document boundary."""
