@@ -41,6 +41,9 @@ MAX_STEPS_PER_BLOCK = 16
 # Tokens per eigendecomposition in the gated path (the largest divisor of the chunk size up to this);
 # chunk sizes with no divisor from 4 up fall back to direct per-token solves.
 EIG_SUBCHUNK = 16
+# Blocks of a sub-chunk's tokens in the gated path, each with its own capacitance size (a token reads only the
+# keys before it).
+CAPACITANCE_BLOCKS = 2
 # Upper bound on the elements of the per-token tensors the gated path forms at once.
 SOLVE_GROUP_ELEMENTS = 1 << 22
 
@@ -110,26 +113,26 @@ class _Layout:
 
     def __init__(self, B: int, T: int, chunk: int, docs: Documents | None, device: torch.device):
         self.B, self.T, self.chunk, self.device = B, T, chunk, device
-        lengths = [T] if docs is None else docs.lengths
-        counts = [-(-length // chunk) for length in lengths]
-        firsts = [sum(counts[:d]) for d in range(len(counts))]
+        lengths = torch.tensor([T] if docs is None else docs.lengths, dtype=torch.long)
+        counts = (lengths + chunk - 1) // chunk  # chunks per document
+        firsts = counts.cumsum(0) - counts
         self.num_docs = len(lengths)
-        self.starts = {firsts[d]: d for d in range(self.num_docs) if counts[d]}
-        self.ends = {firsts[d] + counts[d] - 1: d for d in range(self.num_docs) if counts[d]}
-        self.empty = [d for d in range(self.num_docs) if not counts[d]]
-        self.N = sum(counts)
+        nonempty = (counts > 0).nonzero()[:, 0].tolist()
+        self.starts = {int(firsts[d]): d for d in nonempty}
+        self.ends = {int(firsts[d] + counts[d] - 1): d for d in nonempty}
+        self.empty = (counts == 0).nonzero()[:, 0].tolist()
+        self.N = int(counts.sum())
         self.packed = docs is not None
-        self._counts, self._firsts = counts, firsts
+        docs_of_chunks = torch.repeat_interleave(torch.arange(self.num_docs), counts)
+        self._owner, self._after = docs_of_chunks, (firsts + counts)[docs_of_chunks]
         self._gather = self._position = None
         if self.packed:
-            # Source token of every padded slot (T: a zero row) and padded slot of every token.
+            # Padded slot of every token, and source token of every padded slot (T: a zero row).
+            doc = torch.repeat_interleave(torch.arange(self.num_docs), lengths)
+            offsets = torch.tensor(docs.offsets[:-1], dtype=torch.long)
+            position = firsts[doc] * chunk + torch.arange(T) - offsets[doc]
             slots = torch.full((self.N * chunk,), T, dtype=torch.long)
-            position = torch.empty(T, dtype=torch.long)
-            for d, (a, b) in enumerate(zip(docs.offsets[:-1], docs.offsets[1:], strict=True)):
-                if b > a:
-                    first = firsts[d] * chunk
-                    slots[first : first + b - a] = torch.arange(a, b)
-                    position[a:b] = torch.arange(first, first + b - a)
+            slots[position] = torch.arange(T)
             self._gather, self._position = slots.to(device), position.to(device)
 
     def pad_chunks(self, N: int) -> None:
@@ -142,11 +145,9 @@ class _Layout:
     def doc_of_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) document of every chunk (``num_docs`` for trailing empty chunks) and (N,) the chunk after
         that document's last one (N for trailing chunks)."""
-        owner = torch.full((self.N,), self.num_docs, dtype=torch.long)
-        after = torch.full((self.N,), self.N, dtype=torch.long)
-        for d, (first, count) in enumerate(zip(self._firsts, self._counts, strict=True)):
-            owner[first : first + count] = d
-            after[first : first + count] = first + count
+        pad = self.N - len(self._owner)
+        owner = F.pad(self._owner, (0, pad), value=self.num_docs)
+        after = F.pad(self._after, (0, pad), value=self.N)
         return owner.to(self.device), after.to(self.device)
 
     def to_chunks(self, x: torch.Tensor) -> torch.Tensor:
@@ -458,6 +459,13 @@ def _lapack(fn, *args, dim: int = 1):
     return torch.cat(parts, dim=dim)
 
 
+def _token_blocks(sub: int) -> list[tuple[int, int]]:
+    """Blocks of a sub-chunk's tokens that share a capacitance size: token t reads keys i <= t only, so the tokens of
+    block ``[t0, t1)`` need the leading ``t1 x t1`` block of the capacitance matrix."""
+    step = max(1, -(-sub // CAPACITANCE_BLOCKS))
+    return [(t0, min(t0 + step, sub)) for t0 in range(0, sub, step)]
+
+
 def _eig_woodbury_solve(
     rhs: torch.Tensor,
     bases: _EigBases,
@@ -473,9 +481,9 @@ def _eig_woodbury_solve(
 
         D (H_t + Lambda) D = U (I + e_t S) U^T + F_t^T F_t,   F_t = rows sqrt(pair[t, i] beta_i) (D k_i)^T, i <= t,
 
-    whose first term is diagonal in the eigenbasis for every t. Woodbury then needs only a (sub x sub)
-    capacitance matrix ``I + F_t B_t^{-1} F_t^T`` per token, ``B_t = I + e_t S``: O(sub^2 Dk) per token in
-    batched products plus one small factorisation. A few chunks at a time (``SOLVE_GROUP_ELEMENTS``).
+    whose first term is diagonal in the eigenbasis for every t. Woodbury then needs only a capacitance matrix
+    ``I + F_t B_t^{-1} F_t^T`` (at most sub x sub) per token, ``B_t = I + e_t S``: O(t^2 Dk) per token in batched
+    products plus one small factorisation. A few chunks at a time (``SOLVE_GROUP_ELEMENTS``).
 
     Args:
         rhs: (BH, N, C, Dk) right-hand sides.
@@ -486,7 +494,6 @@ def _eig_woodbury_solve(
     BH, N, C, Dk = rhs.shape
     per_chunk = C // sub
     scale = lam.rsqrt()[:, None, None, :]  # D, as a row scaling
-    eye = torch.eye(sub, dtype=rhs.dtype, device=rhs.device)
     group = max(1, SOLVE_GROUP_ELEMENTS // (BH * C * sub * Dk))
     out = torch.empty_like(rhs)
     for n0 in range(0, N, group):
@@ -497,22 +504,29 @@ def _eig_woodbury_solve(
         s, u, keys = bases.s[:, m], bases.u[:, m], bases.keys[:, m]
         weights = decay.pair if beta is None else decay.pair * beta[:, n].reshape(BH, M, 1, sub)
         weights = weights.sqrt_()  # (BH, M, t, i)
-
         b_inv = (decay.inside[..., None] * s[:, :, None, :]).add_(1.0).reciprocal_()  # B_t^{-1}: (BH, M, t, Dk)
-        # Capacitance I + F_t B_t^{-1} F_t^T for every t at once: B_t^{-1} changes with t only through
-        # its diagonal, so one product with the pairwise key products gives all of them.
-        pairs = (keys[:, :, :, None, :] * keys[:, :, None, :, :]).view(BH, M, sub * sub, Dk)
-        capacitance = (b_inv @ pairs.mT).view(BH, M, sub, sub, sub)
-        del pairs
-        capacitance *= weights[..., :, None] * weights[..., None, :]
-        capacitance += eye
         z = b_inv * ((rhs[:, n].reshape(BH, M, sub, Dk) * scale) @ u)  # B_t^{-1} r_t in the eigenbasis
         small = (z @ keys.mT) * weights  # F_t B_t^{-1} r_t: (BH, M, t, i)
-        factor = _lapack(lambda a: torch.linalg.cholesky_ex(a)[0], capacitance)
-        small = _lapack(torch.cholesky_solve, small[..., None], factor)[..., 0]
-        z = z - b_inv * ((small * weights) @ keys)
+        solved = torch.zeros_like(small)
+        for t0, t1 in _token_blocks(sub):
+            # Capacitance I + F_t B_t^{-1} F_t^T for the block's tokens at once: B_t^{-1} changes with t only
+            # through its diagonal, so one product with the pairwise key products k_i * k_j gives all of them.
+            pairs = (keys[:, :, :t1, None, :] * keys[:, :, None, :t1, :]).view(BH, M, t1 * t1, Dk)
+            capacitance = (b_inv[:, :, t0:t1] @ pairs.mT).view(BH, M, t1 - t0, t1, t1)
+            del pairs
+            w = weights[:, :, t0:t1, :t1]
+            capacitance *= w[..., :, None] * w[..., None, :]
+            capacitance.diagonal(dim1=-2, dim2=-1).add_(1.0)
+            factor = _lapack(_cholesky, capacitance)
+            del capacitance
+            solved[:, :, t0:t1, :t1] = _lapack(torch.cholesky_solve, small[:, :, t0:t1, :t1, None], factor)[..., 0]
+        z = z - b_inv * ((solved * weights) @ keys)
         out[:, n] = ((z @ u.mT) * scale).view(BH, -1, C, Dk)
     return out
+
+
+def _cholesky(a: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.cholesky_ex(a)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,7 +607,7 @@ class _ChunkMesa(torch.autograd.Function):
         ctx.save_for_backward(kc, vc, bc, lgc)
         # Intermediates live on ctx; the final states serve only the log-gamma gradient.
         final = None if decay is None else (h_t.clone(), g_t.clone())
-        ctx.solver = (x, g_starts, p_starts, w, None if eig else h_starts, eig, lam_bh, final)
+        ctx.solver = (x, g_starts, p_starts, w, h_starts if eig is None else None, eig, lam_bh, final)
         ctx.layout = layout
         lead = B if docs is None else layout.num_docs
         return layout.from_chunks(o), h_t.view(lead, H, Dk, Dk), g_t.view(lead, H, Dv, Dk)

@@ -465,9 +465,15 @@ def test_chunk_saves_no_per_token_matrices():
         q = inputs["q"].requires_grad_()
         o = run(dict(inputs, q=q), "chunk", chunk_size=32)
         node = o.grad_fn
-        tensors = list(node.saved_tensors) + [t for t in node.solver if isinstance(t, torch.Tensor)]
-        tensors += [t for pair in node.solver if isinstance(pair, tuple) for t in pair]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+        def tensors(x):  # everything kept on the node, through nested tuples
+            if isinstance(x, torch.Tensor):
+                yield x
+            elif isinstance(x, (tuple, list)):
+                for item in x:
+                    yield from tensors(item)
+
+        return sum(t.numel() * t.element_size() for t in tensors((node.saved_tensors, node.solver)))
 
     for gated in (False, True):
         small, large = saved_bytes(256, gated), saved_bytes(1024, gated)

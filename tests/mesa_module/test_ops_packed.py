@@ -98,6 +98,16 @@ def test_many_chunks_restart_inside_woodbury_blocks():
     assert rel_err(out, ref) <= 1e-10 and rel_err(h, h_ref) <= 1e-10 and rel_err(g, g_ref) <= 1e-10
 
 
+@pytest.mark.parametrize("gate", ["none", "weak"])
+def test_many_short_documents(gate):
+    """Hundreds of documents of 0 to 6 tokens, most shorter than a chunk."""
+    lengths = torch.randint(0, 7, (300,), generator=torch.Generator().manual_seed(5)).tolist()
+    inputs = packed_inputs(lengths, gate=GATES[gate], initial_state=True, H=1, Dk=4, Dv=3)
+    ref, (h_ref, g_ref) = run(inputs, "naive", output_final_state=True, cu_seqlens=offsets(lengths))
+    out, (h, g) = run(inputs, "chunk", output_final_state=True, chunk_size=4, cu_seqlens=offsets(lengths))
+    assert rel_err(out, ref) <= 1e-10 and rel_err(h, h_ref) <= 1e-10 and rel_err(g, g_ref) <= 1e-10
+
+
 def test_documents_do_not_see_each_other():
     """Changing one document's tokens changes no other document's output."""
     lengths = [10, 12, 9]
