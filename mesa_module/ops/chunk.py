@@ -404,7 +404,8 @@ class _EigBases(NamedTuple):
 def _eig_bases(
     k: torch.Tensor, kb: torch.Tensor, lam: torch.Tensor, log_gamma: torch.Tensor, h_starts: torch.Tensor, sub: int
 ) -> _EigBases:
-    """The sub-chunk states rebuilt from the chunk states, and their eigendecompositions.
+    """The sub-chunk states rebuilt from the chunk states, and their eigendecompositions, a few chunks at a time
+    (``SOLVE_GROUP_ELEMENTS``) so that only the kept decompositions grow with the whole sequence.
 
     Args:
         k, kb: (BH, N, C, Dk) keys and written keys ``beta k``. lam: (BH, Dk). log_gamma: (BH, N, C).
@@ -413,12 +414,21 @@ def _eig_bases(
     """
     BH, N, C, Dk = k.shape
     per_chunk = C // sub
-    decay = _Decay(log_gamma.reshape(BH * N, per_chunk, sub), k.dtype)
-    updates = _chunk_updates(kb.reshape(-1, per_chunk, sub, Dk), k.reshape(-1, per_chunk, sub, Dk), decay)
-    starts, _ = _scan(updates, decay.total, h_starts.reshape(-1, Dk, Dk))
     scale = lam.rsqrt()
-    starts = starts.view(BH, N * per_chunk, Dk, Dk) * scale[:, None, :, None] * scale[:, None, None, :]
-    s, u = _lapack(torch.linalg.eigh, starts)
+    s = k.new_empty(BH, N * per_chunk, Dk)
+    u = k.new_empty(BH, N * per_chunk, Dk, Dk)
+    group = max(1, SOLVE_GROUP_ELEMENTS // (BH * per_chunk * Dk * Dk))
+    for n0 in range(0, N, group):
+        n = slice(n0, min(n0 + group, N))
+        m = slice(n.start * per_chunk, n.stop * per_chunk)
+        decay = _Decay(log_gamma[:, n].reshape(-1, per_chunk, sub), k.dtype)
+        updates = _chunk_updates(
+            kb[:, n].reshape(-1, per_chunk, sub, Dk), k[:, n].reshape(-1, per_chunk, sub, Dk), decay
+        )
+        starts, _ = _scan(updates, decay.total, h_starts[:, n].reshape(-1, Dk, Dk))
+        del updates
+        starts = starts.view(BH, -1, Dk, Dk).mul_(scale[:, None, :, None]).mul_(scale[:, None, None, :])
+        s[:, m], u[:, m] = _lapack(torch.linalg.eigh, starts)
     keys = (k.reshape(BH, N * per_chunk, sub, Dk) * scale[:, None, None, :]) @ u
     return _EigBases(s.clamp_min_(0), u, keys)  # H is positive semidefinite; rounding can leave -eps eigenvalues
 
