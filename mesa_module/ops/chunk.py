@@ -289,6 +289,19 @@ def _spd_inverse(a: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_inverse(factor)
 
 
+def _leaf_step(p: torch.Tensor, leaf: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    """One Woodbury leaf on a batch of inverses ``p``: returns ``W^T`` and downdates ``p`` in place.
+
+    ``M = I + K P K^T = U^T U``; ``W = U^{-T} K P``, taken as the right-hand solve ``W^T U = (K P)^T`` because
+    LAPACK runs that layout about three times faster than the left-hand one here; ``P <- P - W^T W``.
+    """
+    kp = leaf @ p
+    upper = torch.linalg.cholesky_ex(torch.baddbmm(eye, kp, leaf.mT), upper=True)[0]
+    w_leaf_t = torch.linalg.solve_triangular(upper, kp.mT, upper=True, left=False)
+    p.baddbmm_(w_leaf_t, w_leaf_t.mT, alpha=-1)
+    return w_leaf_t
+
+
 def _woodbury_factors(
     ks: torch.Tensor, lam: torch.Tensor, h_starts: torch.Tensor, chunks_per_block: int, restarts: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,7 +329,7 @@ def _woodbury_factors(
     exact = sorted(set(range(0, N, chunks_per_block)) | {n for n in restarts if n % chunks_per_block})
     a = h_starts[:, exact]
     a.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
-    p_exact = _spd_inverse(a)  # (BH, len(exact), Dk, Dk)
+    p_exact = _lapack(_spd_inverse, a)  # (BH, len(exact), Dk, Dk)
     where = {n: i for i, n in enumerate(exact)}
     p = p_exact[:, [where[n] for n in range(0, N, chunks_per_block)]].reshape(BH * blocks, Dk, Dk)
     ks = ks.view(BH, blocks, chunks_per_block, C, Dk)
@@ -333,13 +346,9 @@ def _woodbury_factors(
             if r1 - r0 not in eye:
                 eye[r1 - r0] = torch.eye(r1 - r0, dtype=ks.dtype, device=ks.device)
             leaf = ks[:, :, j, r0:r1].reshape(BH * blocks, r1 - r0, Dk)
-            kp = leaf @ p
-            # M = I + K P K^T = U^T U; W = U^{-T} K P, taken as the right-hand solve W^T U = (K P)^T
-            # because LAPACK runs that layout about three times faster than the left-hand one here.
-            upper = torch.linalg.cholesky_ex(torch.baddbmm(eye[r1 - r0], kp, leaf.mT), upper=True)[0]
-            w_leaf_t = torch.linalg.solve_triangular(upper, kp.mT, upper=True, left=False)
+            # p_starts holds copies, so the in-place downdate of p is safe.
+            w_leaf_t = _lapack(_leaf_step, p, leaf, eye[r1 - r0].expand(BH * blocks, -1, -1), dim=0)
             w[:, :, j, r0:r1] = w_leaf_t.mT.view(BH, blocks, r1 - r0, Dk)
-            p.baddbmm_(w_leaf_t, w_leaf_t.mT, alpha=-1)  # p_starts holds copies, so in place is safe
     return p_starts.view(BH, N, Dk, Dk), w.view(BH, N, C, Dk)
 
 
@@ -438,11 +447,13 @@ _POOL_LOCK = threading.Lock()
 
 
 def _lapack(fn, *args, dim: int = 1):
-    """``fn(*args)`` for a batched LAPACK routine, the batch (dimension ``dim``) split across the CPU threads.
+    """``fn(*args)`` for batched small LAPACK (or BLAS) problems, the batch (dimension ``dim``) split across the
+    CPU threads.
 
-    torch runs a batch of small LAPACK problems one after the other, and LAPACK threads each small problem
-    internally, which on a machine whose other cores are busy makes every parallel region wait for a
-    descheduled thread (64 x 64 ``eigh`` measured 8 to 20 times slower with two intra-op threads than with one).
+    torch runs a batch of small LAPACK problems (and in-place batched products of a few matrices) one after the
+    other, and MKL threads each small problem internally, which on a machine whose other cores are busy makes
+    every parallel region wait for a descheduled thread (64 x 64 ``eigh`` measured 8 to 20 times slower with two
+    intra-op threads than with one; the Woodbury leaves' triangular solves and downdates alike).
     Here each of ``torch.get_num_threads()`` Python threads solves a slice of the batch with one intra-op
     thread (torch releases the GIL inside the call). Elsewhere than on CPU, or with one thread, ``fn(*args)``.
     """
