@@ -1,23 +1,24 @@
 """Chunkwise exact mesa attention: the fast path for training and prefill.
 
-The sequence is cut into chunks of ``C`` tokens. Everything linear in the statistics (the outputs
-``G_t x_t``, the state recurrences, every gradient) is done chunk by chunk with matrix products, as
-in chunkwise linear attention. The one nonlinear step, the solves ``x_t = (H_t + Lambda)^{-1} q_t``,
-has two exact solvers (the math is in ``README.md`` beside this file):
+The sequence is cut into chunks of ``C`` tokens (with ``cu_seqlens``, every document starts a chunk of its own).
+Everything linear in the statistics (the outputs ``G_t x_t``, the state recurrences, every gradient) is done chunk
+by chunk with matrix products, as in chunkwise linear attention. The one nonlinear step, the solves
+``x_t = (H_t + Lambda)^{-1} q_t``, has two exact solvers (the math is in ``README.md`` beside this file):
 
 * ``gamma = 1`` everywhere: a Woodbury + Cholesky form. The inverse ``P = (H + Lambda)^{-1}`` is
-  computed exactly at the start of each block of chunks and carried through the block by
+  computed exactly at the start of each block of chunks (and of each document) and carried through the block by
   low-rank downdates ``P <- P - W^T W``, one small Cholesky factor per leaf of keys; all queries of
   a chunk are then solved at once with ``X = Q P - tril(Q W^T) W``.
-* gated (some ``gamma < 1``): the regulariser does not decay, so no low-rank identity links the
-  per-token systems. In the basis scaled by ``Lambda^{-1/2}`` the regulariser is the identity, which
-  is diagonal in the eigenbasis of the statistic at a sub-chunk start; one eigendecomposition per
-  16-token sub-chunk and a small Woodbury capacitance matrix per token then solve exactly. (Chunk
-  sizes without a suitable divisor form every token's matrix and solve it directly.)
+* gated (some ``gamma < 1``): the regulariser does not decay, so every token's system is a different shift of a
+  nested family and no factorisation but a spectral one is shared. In the basis scaled by ``Lambda^{-1/2}`` the
+  regulariser is the identity, which is diagonal in the eigenbasis of the statistic at a sub-chunk start; one
+  eigendecomposition per 16-token sub-chunk (computed in the forward pass, kept for the backward one) and a small
+  Woodbury capacitance matrix per token then solve exactly. (Chunk sizes without a suitable divisor form every
+  token's matrix and solve it directly.)
 
 The backward pass is written by hand (implicit differentiation of the solves): it needs one more
 solve per token with the same matrices, ``y_t = (H_t + Lambda)^{-1} G_t^T do_t``, and otherwise only
-chunkwise products. Only per-chunk quantities are kept for it, so memory stays linear in T.
+chunkwise products. Only per-chunk (gated: per-sub-chunk) quantities are kept for it, so memory stays linear in T.
 """
 
 from __future__ import annotations
@@ -556,9 +557,10 @@ def _cholesky(a: torch.Tensor) -> torch.Tensor:
 class _ChunkMesa(torch.autograd.Function):
     """Chunkwise mesa attention with a hand-written backward pass.
 
-    Saved for backward: the chunked keys, values and gates, the solutions ``X`` (T x Dk), the
-    statistics at chunk starts (for the Woodbury path the inverses instead of ``H``) and the rows
-    ``W``: O(T Dk + T Dk^2 / C) in all, nothing of size T x Dk x Dk.
+    Saved for backward: the chunked keys, values and gates, the solutions ``X`` (T x Dk), the value statistic at
+    chunk starts, and the inverses at chunk starts with the rows ``W`` (Woodbury path), the sub-chunk
+    eigendecompositions (gated) or the key statistic at chunk starts (direct fallback): O(T Dk + T Dk^2 / C) in all,
+    with C = 16 for the gated decompositions; nothing of size T x Dk x Dk.
     """
 
     @staticmethod
