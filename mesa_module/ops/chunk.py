@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .packing import Documents
+from .packing import Documents, initial_states
 
 # Keys per Cholesky factor in the Woodbury path. Smaller leaves mean cheaper factorisations but more
 # sequential steps; 16 to 64 is the useful range on CPU.
@@ -72,15 +72,9 @@ def chunk_mesa_attention(
         or the number of documents with ``cu_seqlens``).
     """
     B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
     lam = lam.expand(H, Dk)
     docs = None if cu_seqlens is None else Documents.from_cu_seqlens(cu_seqlens)
-    lead = B if docs is None else docs.count
-    if initial_state is None:
-        h0, g0 = q.new_zeros(lead, H, Dk, Dk), q.new_zeros(lead, H, Dv, Dk)
-    else:
-        h0, g0 = initial_state
-        h0 = (h0 + h0.mT) / 2  # only the symmetric part of a statistic is meaningful
+    h0, g0 = initial_states(q, v, initial_state, docs)
     woodbury = log_gamma is None or not bool((log_gamma != 0).any())
     longest = T if docs is None else max(docs.lengths)
     chunk = max(1, min(chunk_size, longest))

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from .packing import Documents
+from .packing import Documents, initial_states
 
 
 def naive_mesa_attention(
@@ -67,12 +67,8 @@ def token_recurrence(
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     docs = None if cu_seqlens is None else Documents.from_cu_seqlens(cu_seqlens)
-    lead = B if docs is None else docs.count
-    if initial_state is None:
-        h_init, g_init = q.new_zeros(lead, H, Dk, Dk), q.new_zeros(lead, H, Dv, Dk)
-    else:
-        h_init, g_init = initial_state
-        h_init = (h_init + h_init.mT) / 2  # only the symmetric part of a statistic is meaningful
+    h_init, g_init = initial_states(q, v, initial_state, docs)
+    lead = h_init.shape[0]
     reg = torch.diag_embed(lam.expand(H, Dk))  # (H, Dk, Dk)
     h, g = h_init, g_init
     finals = None if docs is None else [(h_init[n : n + 1], g_init[n : n + 1]) for n in range(lead)]

@@ -68,3 +68,16 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
     if any(b < a for a, b in zip(offsets[:-1], offsets[1:], strict=True)):
         raise ValueError(f"cu_seqlens must not decrease (document lengths are its differences), got {offsets}")
     return len(offsets) - 1
+
+
+def initial_states(
+    q: torch.Tensor, v: torch.Tensor, initial_state: tuple[torch.Tensor, torch.Tensor] | None, docs: Documents | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H_0, G_0)`` with a leading dimension of B (or of the documents): zeros when none are given, and only the
+    symmetric part of a given ``H_0``, the only part a statistic can have."""
+    B, _, H, Dk = q.shape
+    lead = B if docs is None else docs.count
+    if initial_state is None:
+        return q.new_zeros(lead, H, Dk, Dk), q.new_zeros(lead, H, v.shape[-1], Dk)
+    h0, g0 = initial_state
+    return (h0 + h0.mT) / 2, g0

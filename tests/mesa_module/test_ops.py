@@ -205,10 +205,9 @@ def test_output_is_exact_least_squares_prediction():
 # Gradients
 
 
-def grads_of(inputs, method, weights, chunk_size=16):
-    """Gradients of a random linear function of (o, H_T, G_T) for every differentiable input."""
-    leaves = {}
-    x = {}
+def leaves_of(inputs):
+    """Fresh leaf copies of the inputs: ``(leaves by name, h0 and g0 for the initial state; the inputs to pass)``."""
+    leaves, x = {}, {}
     for name, t in inputs.items():
         if name == "initial_state":
             x[name] = None if t is None else tuple(s.detach().clone().requires_grad_() for s in t)
@@ -218,6 +217,12 @@ def grads_of(inputs, method, weights, chunk_size=16):
             x[name] = None
         else:
             x[name] = leaves[name] = t.detach().clone().requires_grad_()
+    return leaves, x
+
+
+def grads_of(inputs, method, weights, chunk_size=16):
+    """Gradients of a random linear function of (o, H_T, G_T) for every differentiable input."""
+    leaves, x = leaves_of(inputs)
     o, (h, g) = run(x, method, output_final_state=True, chunk_size=chunk_size)
     loss = (o * weights[0]).sum() + (h * weights[1]).sum() + (g * weights[2]).sum()
     return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))

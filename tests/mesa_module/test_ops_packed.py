@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ops import GATES, make_inputs, rel_err, run
+from test_ops import GATES, leaves_of, make_inputs, rel_err, run
 
 from mesa_module.ops import chunk_mesa_attention, mesa_attention
 
@@ -119,20 +119,6 @@ def test_documents_do_not_see_each_other():
     out = run(changed, "chunk", chunk_size=8, cu_seqlens=offsets(lengths))
     assert torch.equal(out[:, :10], base[:, :10]) and torch.equal(out[:, 22:], base[:, 22:])
     assert not torch.allclose(out[:, 10:22], base[:, 10:22])
-
-
-def leaves_of(inputs):
-    leaves, x = {}, {}
-    for name, t in inputs.items():
-        if name == "initial_state":
-            x[name] = None if t is None else tuple(s.detach().clone().requires_grad_() for s in t)
-            if t is not None:
-                leaves["h0"], leaves["g0"] = x[name]
-        elif t is None:
-            x[name] = None
-        else:
-            x[name] = leaves[name] = t.detach().clone().requires_grad_()
-    return leaves, x
 
 
 @pytest.mark.parametrize("gate", ["none", "strong", "weak"])
