@@ -23,6 +23,7 @@ chunkwise products. Only per-chunk (gated: per-sub-chunk) quantities are kept fo
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -437,7 +438,7 @@ def _eig_bases(
     return _EigBases(s.clamp_min_(0), u, keys)  # H is positive semidefinite; rounding can leave -eps eigenvalues
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the process that made it, the pool)
 _POOL_LOCK = threading.Lock()
 
 
@@ -458,13 +459,15 @@ def _lapack(fn, *args, dim: int = 1):
         return fn(*args)
     global _POOL
     with _POOL_LOCK:  # the intra-op thread count is process-wide: one such section at a time
-        if _POOL is None or _POOL._max_workers < threads:
-            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mesa-lapack")
+        # A forked child inherits the pool object but not its threads: it gets a pool of its own.
+        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < threads:
+            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mesa-lapack"))
+        pool = _POOL[1]
         bounds = [M * i // threads for i in range(threads + 1)]
         torch.set_num_threads(1)
         try:
             parts = [
-                _POOL.submit(fn, *(a.narrow(dim, lo, hi - lo) for a in args))
+                pool.submit(fn, *(a.narrow(dim, lo, hi - lo) for a in args))
                 for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
             ]
             parts = [f.result() for f in parts]

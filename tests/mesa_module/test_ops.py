@@ -275,9 +275,9 @@ def test_gradients_match_naive_float32():
             assert rel_err(got[name].double(), ref[name]) <= 1e-4, (method, name)
 
 
-def _gradcheck_inputs(gated):
+def _gradcheck_inputs(gated, T=5):
     g = torch.Generator().manual_seed(3)
-    B, T, H, Dk, Dv = 1, 5, 2, 3, 2
+    B, H, Dk, Dv = 1, 2, 3, 2
     q, k = (
         torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64),
         torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64),
@@ -313,6 +313,22 @@ def test_gradcheck(method, gated):
         # solver at the point itself and the gated solver at the perturbed points: one function, two solvers.
         o, (h, g) = implementation(
             q, k, v, lam, beta=beta, log_gamma=log_gamma, initial_state=(h0, g0), output_final_state=True
+        )
+        return o, h, g
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 8], ids=["eig4", "eig8"])
+def test_gradcheck_gated_eigen_woodbury(chunk_size):
+    """The gated eigen-Woodbury solver (sub-chunks of 4 or 8 tokens, two capacitance blocks each, kept
+    decompositions), every input's gradient against finite differences; longer than one chunk."""
+    inputs = _gradcheck_inputs(True, T=11)
+    assert chunk_module._eig_subchunk(chunk_size) == chunk_size
+
+    def fn(q, k, v, lam, beta, log_gamma, h0, g0):
+        o, (h, g) = chunk_mesa_attention(
+            q, k, v, lam, beta, log_gamma, (h0, g0), output_final_state=True, chunk_size=chunk_size
         )
         return o, h, g
 

@@ -144,11 +144,12 @@ def test_packed_gradients_equal_documents_run_alone(method, gate):
         assert rel_err(got[name], want[name]) <= 1e-10, name
 
 
+@pytest.mark.parametrize("chunk_size", [2, 4], ids=["direct", "eig4"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
-def test_gradcheck_packed_chunk(gated):
+def test_gradcheck_packed_chunk(gated, chunk_size):
     """Every input's gradient (initial states per document included) against finite differences."""
     gen = torch.Generator().manual_seed(3)
-    lengths, H, Dk, Dv = [3, 0, 1, 4], 2, 3, 2
+    lengths, H, Dk, Dv = [3, 0, 1, 6], 2, 3, 2
     T, N = sum(lengths), len(lengths)
 
     def randn(*shape):
@@ -169,7 +170,7 @@ def test_gradcheck_packed_chunk(gated):
 
     def fn(q, k, v, lam, beta, log_gamma, h0, g0):
         o, (h, g) = chunk_mesa_attention(
-            q, k, v, lam, beta, log_gamma, (h0, g0), output_final_state=True, chunk_size=2, cu_seqlens=cu
+            q, k, v, lam, beta, log_gamma, (h0, g0), output_final_state=True, chunk_size=chunk_size, cu_seqlens=cu
         )
         return o, h, g
 
