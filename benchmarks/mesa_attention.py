@@ -4,7 +4,10 @@ For each sequence length T, at B = 1, 4 heads, head size 64, float32 (by default
 forward + backward wall time and peak memory for:
 
 * ``chunk``: :func:`mesa_module.ops.mesa_attention` with ``method="chunk"`` (gamma = 1, the Woodbury path);
-* ``chunk_gated``: the same with a forget gate in [0.8, 0.99] (the eigen-Woodbury solver for gated inputs);
+* ``chunk_gated``: MesaNet's form, a forget gate in [0.8, 0.99] and an input gate in [0.5, 1] (the eigen-Woodbury
+  solver for gated inputs);
+* ``chunk_packed`` and ``chunk_gated_packed``: the same two with the T tokens cut into documents
+  (``cu_seqlens``) of random lengths, ``--doc-len`` tokens on average (each document starts a chunk of its own);
 * ``naive``: the per-token direct-solve reference;
 * ``sherman_morrison``: a Python loop over tokens carrying the inverse by rank-one updates (exact for
   gamma = 1 only), autograd through the loop;
@@ -13,7 +16,8 @@ forward + backward wall time and peak memory for:
 * on CUDA, also fla's ``chunk_mesa_net`` (30 conjugate-gradient steps, bfloat16) when it is importable.
 
 Timing is the minimum over ``--repeats`` runs after one warm-up (a single run when one call takes more than a
-few seconds). Peak memory (``--memory``) is how much the call adds at its peak over what the process held when
+few seconds), in wall time or, with ``--clock cpu``, in process CPU time (for ``--threads 1`` on a machine whose
+other processes keep the cores busy: wall time then mostly measures waiting for a core). Peak memory (``--memory``) is how much the call adds at its peak over what the process held when
 it started:
 
 * ``rss`` (default on Linux): the growth of the resident set, read as the kernel's high-water mark ``VmHWM``
@@ -54,7 +58,8 @@ from mesa_module.ops import mesa_attention
 
 logger = logging.getLogger("benchmarks.mesa_attention")
 
-ALL_METHODS = ("chunk", "chunk_gated", "naive", "sherman_morrison", "sdpa")
+ALL_METHODS = ("chunk", "chunk_gated", "chunk_packed", "chunk_gated_packed", "naive", "sherman_morrison", "sdpa")
+MESA_METHODS = ("chunk", "chunk_gated", "chunk_packed", "chunk_gated_packed", "naive")
 DEFAULT_T = (512, 1024, 2048, 4096, 8192, 16384)
 # Python loops over tokens get slow beyond these lengths; rows above them are skipped unless raised.
 DEFAULT_CAPS = {"naive": 2048, "sherman_morrison": 4096}
@@ -112,8 +117,22 @@ def sdpa_forward_flops(B: int, T: int, H: int, dk: int, dv: int) -> float:
     return B * H * T * T * (dk + dv)
 
 
-def make_inputs(method: str, B: int, T: int, H: int, d: int, dtype: torch.dtype, device: str, grad: bool):
-    """Unit-norm queries and keys as the layer feeds them, Gaussian values, lam = 1 (gate in [0.8, 0.99] if gated)."""
+def document_offsets(T: int, mean_length: int, seed: int = 0) -> torch.Tensor:
+    """``cu_seqlens`` cutting T tokens into documents of exponentially distributed lengths (at least one token)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < T:
+        lengths.append(max(1, int(torch.empty(1).exponential_(1.0 / mean_length, generator=g).item())))
+    lengths[-1] -= sum(lengths) - T
+    lengths = [n for n in lengths if n > 0]
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+
+
+def make_inputs(
+    method: str, B: int, T: int, H: int, d: int, dtype: torch.dtype, device: str, grad: bool, doc_len: int = 256
+):
+    """Unit-norm queries and keys as the layer feeds them, Gaussian values, lam = 1; for the gated rows a forget gate
+    in [0.8, 0.99] and an input gate in [0.5, 1]; for the packed rows document offsets."""
     g = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(B, T, H, d, generator=g), dim=-1)
     k = F.normalize(torch.randn(B, T, H, d, generator=g), dim=-1)
@@ -133,18 +152,35 @@ def make_inputs(method: str, B: int, T: int, H: int, d: int, dtype: torch.dtype,
     q, k, v = (x.to(device=device, dtype=dtype).requires_grad_(grad) for x in (q, k, v))
     if method not in ("sdpa", "fla"):
         extra["lam"] = torch.ones(H, d, device=device, dtype=dtype, requires_grad=grad)
-    if method == "chunk_gated":
+    if method in ("chunk_gated", "chunk_gated_packed"):
         extra["log_gamma"] = torch.log(0.8 + 0.19 * torch.rand(B, T, H, generator=g)).to(device=device, dtype=dtype)
+        extra["beta"] = (0.5 + 0.5 * torch.rand(B, T, H, generator=g)).to(device=device, dtype=dtype)
+    if method in ("chunk_packed", "chunk_gated_packed"):
+        extra["cu_seqlens"] = document_offsets(B * T, doc_len).to(device)
+        if B != 1:  # packed documents live in one row
+            q, k, v = (x.reshape(1, B * T, H, d) for x in (q, k, v))
+            for name in ("log_gamma", "beta"):
+                if name in extra:
+                    extra[name] = extra[name].reshape(1, B * T, H)
     return q, k, v, extra
 
 
 def make_call(method: str, chunk_size: int):
-    if method in ("chunk", "chunk_gated", "naive"):
-        name = "naive" if method == "naive" else "chunk"
+    """A function ``call(q, k, v, extra)`` running one row's method (``recurrent`` too, outside the default rows)."""
+    if method in (*MESA_METHODS, "recurrent"):
+        name = method if method in ("naive", "recurrent") else "chunk"
 
         def call(q, k, v, extra):
             return mesa_attention(
-                q, k, v, extra["lam"], log_gamma=extra.get("log_gamma"), method=name, chunk_size=chunk_size
+                q,
+                k,
+                v,
+                extra["lam"],
+                beta=extra.get("beta"),
+                log_gamma=extra.get("log_gamma"),
+                cu_seqlens=extra.get("cu_seqlens"),
+                method=name,
+                chunk_size=chunk_size,
             )
 
         return call
@@ -164,21 +200,26 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# The clock measure_time reads: wall time by default; ``--clock cpu`` (process CPU time) for single-threaded runs
+# on a machine whose other processes keep the cores busy, where wall time mostly measures waiting for a core.
+CLOCK = time.perf_counter
+
+
 def measure_time(run, device: str, repeats: int) -> float:
-    """Minimum wall time in seconds; one warm-up, and a single run when a call takes over three seconds."""
+    """Minimum time in seconds (``CLOCK``); one warm-up, and a single run when a call takes over three seconds."""
     _sync(device)
-    start = time.perf_counter()
+    start = CLOCK()
     run()
     _sync(device)
-    first = time.perf_counter() - start
+    first = CLOCK() - start
     if first > 3.0:
         return first
     best = math.inf
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         run()
         _sync(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, CLOCK() - start)
     return best
 
 
@@ -234,14 +275,17 @@ def bmm_rate(B: int, T: int, H: int, d: int, dtype: torch.dtype, device: str, re
 def benchmark_row(method, T, args, device):
     call = make_call(method, args.chunk_size)
     row = dict(device=device, method=method, T=T)
-    q, k, v, extra = make_inputs(method, args.batch, T, args.heads, args.dim, args.dtype, device, grad=False)
+    shape = (args.batch, T, args.heads, args.dim, args.dtype, device)
+    q, k, v, extra = make_inputs(method, *shape, grad=False, doc_len=args.doc_len)
+    if "cu_seqlens" in extra:
+        row["docs"] = len(extra["cu_seqlens"]) - 1
 
     def forward():
         with torch.no_grad():
             call(q, k, v, extra)
 
     row["fwd_s"] = measure_time(forward, device, args.repeats)
-    qg, kg, vg, extra_g = make_inputs(method, args.batch, T, args.heads, args.dim, args.dtype, device, grad=True)
+    qg, kg, vg, extra_g = make_inputs(method, *shape, grad=True, doc_len=args.doc_len)
     leaves = [t for t in (qg, kg, vg, *extra_g.values()) if t.requires_grad]
 
     def forward_backward():
@@ -266,7 +310,7 @@ def benchmark_row(method, T, args, device):
 
 def format_table(rows, rates):
     head = (
-        f"{'device':<6} {'T':>6} {'method':<17} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd MiB':>8} "
+        f"{'device':<6} {'T':>6} {'method':<19} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd MiB':>8} "
         f"{'f+b MiB':>8} {'fwd GFLOP/s':>11} {'% of bmm':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -274,7 +318,7 @@ def format_table(rows, rates):
         rate = r.get("fwd_gflops")
         bmm = rates.get((r["device"], r["T"]))
         lines.append(
-            f"{r['device']:<6} {r['T']:>6} {r['method']:<17} {r['fwd_s'] * 1e3:>9.1f} {r['fwdbwd_s'] * 1e3:>11.1f} "
+            f"{r['device']:<6} {r['T']:>6} {r['method']:<19} {r['fwd_s'] * 1e3:>9.1f} {r['fwdbwd_s'] * 1e3:>11.1f} "
             f"{r.get('fwd_mb', float('nan')):>8.1f} {r.get('fwdbwd_mb', float('nan')):>8.1f} "
             f"{'' if rate is None else f'{rate:.1f}':>11} {'' if rate is None or not bmm else f'{100 * rate / bmm:.0f}%':>8}"
         )
@@ -289,13 +333,30 @@ def summarise(rows):
     """The target ratios, where both sides were measured."""
     by = {(r["device"], r["method"], r["T"]): r for r in rows}
     lines = []
+    comparisons = [
+        ("chunk", "sherman_morrison", 4096),
+        ("chunk", "sdpa", 4096),
+        ("chunk", "sdpa", 16384),
+        ("chunk_gated", "sdpa", 4096),
+        ("chunk_gated", "sdpa", 16384),
+        ("chunk_gated", "chunk", 4096),
+        ("chunk_packed", "chunk", 4096),
+        ("chunk_gated_packed", "chunk_gated", 4096),
+    ]
     for device in sorted({r["device"] for r in rows}):
-        for other, T in (("sherman_morrison", 4096), ("sdpa", 4096), ("sdpa", 16384)):
-            a, b = by.get((device, "chunk", T)), by.get((device, other, T))
+        for method, other, T in comparisons:
+            a, b = by.get((device, method, T)), by.get((device, other, T))
             if a and b:
+                ratio = b["fwdbwd_s"] / a["fwdbwd_s"]
+                speed = f"{ratio:.2f}x the speed of" if ratio < 1 else f"{ratio:.2f}x faster than"
                 lines.append(
-                    f"{device} T={T}: chunk fwd+bwd is {b['fwdbwd_s'] / a['fwdbwd_s']:.1f}x faster than {other} "
-                    f"(forward {b['fwd_s'] / a['fwd_s']:.1f}x)"
+                    f"{device} T={T}: {method} fwd+bwd is {speed} {other} (forward {b['fwd_s'] / a['fwd_s']:.2f}x)"
+                )
+        for r in rows:
+            if r["device"] == device and "docs" in r:
+                lines.append(
+                    f"{device} T={r['T']}: {r['method']} packs {r['docs']} document(s), {r['T'] / r['docs']:.0f} tokens "
+                    "on average"
                 )
         chunk_rows = sorted((r for r in rows if r["device"] == device and r["method"] == "chunk"), key=lambda r: r["T"])
         if len(chunk_rows) >= 2 and "fwdbwd_mb" in chunk_rows[0]:
@@ -351,8 +412,15 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=64, help="head size (queries, keys and values)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--doc-len", type=int, default=256, help="mean document length of the packed rows")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall time, or process CPU time (with --threads 1 on a busy machine: time spent, not time waited)",
+    )
     p.add_argument("--device", nargs="+", default=None, help="devices (default: cpu, plus cuda when available)")
     default_memory = "rss" if os.access("/proc/self/clear_refs", os.W_OK) else "profiler"
     p.add_argument(
@@ -377,6 +445,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     load_before = os.getloadavg()[0]
     logger.info("torch %s, %d threads, devices %s", torch.__version__, torch.get_num_threads(), args.device)
     rows, rates, notes = [], {}, []
@@ -413,7 +483,7 @@ def main(argv=None):
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} CPUs; 1-minute load "
         f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes make OpenMP threads "
         "wait for each other: compare at --threads 1 on a busy machine); peak memory by "
-        f"{args.memory!r}"
+        f"{args.memory!r}; {args.clock} clock"
     )
     print(format_table(rows, rates))
     print()

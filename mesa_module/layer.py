@@ -4,7 +4,8 @@ Per head, token t's output is the prediction of a ridge-regression model fitted,
 keys and values seen so far: ``o_t = G_t (H_t + Lambda)^{-1} q_t`` with ``H_t = sum k k^T`` and
 ``G_t = sum v k^T`` (see :func:`mesa_module.mesa_attention`). This module owns what surrounds that op:
 projections, the optional short convolution, the optional input/forget gates, the learned regulariser,
-the output norm, padding and write masks, and the recurrent state used to stream and decode.
+the output norm, padding and write masks, packed documents (``cu_seqlens``), and the recurrent state used to stream
+and decode.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import mesa_attention
+from .packing import check_cu_seqlens, document_positions
 
 __all__ = ["MesaLayer", "MesaState", "ShortConvolution"]
 
@@ -64,33 +66,72 @@ class ShortConvolution(nn.Module):
         return f"channels={self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
 
     def forward(
-        self, x: torch.Tensor, state: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Convolves ``x`` (B, T, C), continuing from ``state`` (B, kernel_size - 1, C) if given.
 
         Args:
             x: Input of shape (B, T, C).
-            state: The previous call's last ``kernel_size - 1`` inputs; zeros (a fresh sequence) if ``None``.
+            state: The previous call's last ``kernel_size - 1`` inputs; zeros (a fresh sequence) if ``None``. With
+                ``cu_seqlens``, one per document: (N, kernel_size - 1, C).
             lengths: Per-sequence number of valid leading tokens in ``x`` (B,); the new state ends at the last
                 valid token. ``None`` means all T tokens are valid.
+            cu_seqlens: Offsets ``[0, l_1, ..., T]`` of documents packed into one row (B = 1, already checked, see
+                :mod:`mesa_module.packing`): no token sees another document's inputs, and the new state has one
+                entry per document.
 
         Returns:
             ``(y, new_state)`` with ``y`` of shape (B, T, C).
         """
+        if cu_seqlens is not None:
+            return self._forward_packed(x, state, cu_seqlens)
         B, T, C = x.shape
         width = self.kernel_size - 1
         if state is None:
             state = x.new_zeros(B, width, C)
         padded = torch.cat([state.to(x.dtype), x], dim=1)  # (B, width + T, C)
-        y = F.conv1d(padded.transpose(1, 2), self.weight.to(x.dtype), groups=C)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)[:, None]
-        y = F.silu(y.transpose(1, 2))
+        y = self._convolve(padded)
         if lengths is None:
             new_state = padded[:, T:]
         else:
             index = lengths[:, None] + torch.arange(width, device=x.device)
             new_state = padded.gather(1, index[..., None].expand(B, width, C))
+        return y, new_state
+
+    def _convolve(self, padded: torch.Tensor) -> torch.Tensor:
+        """SiLU of the valid convolution of ``padded`` (B, width + T, C): (B, T, C)."""
+        y = F.conv1d(padded.transpose(1, 2), self.weight.to(padded.dtype), groups=self.channels)
+        if self.bias is not None:
+            y = y + self.bias.to(padded.dtype)[:, None]
+        return F.silu(y.transpose(1, 2))
+
+    def _forward_packed(
+        self, x: torch.Tensor, state: torch.Tensor | None, cu_seqlens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every document gets its own ``width`` rows of history (its state, or zeros) inserted in front of it. One
+        # convolution over that longer row then reaches back exactly to the document's own history and never into
+        # the document before: no Python loop over documents, and the same kernel as the unpacked path.
+        _, T, C = x.shape
+        width = self.kernel_size - 1
+        n_docs = cu_seqlens.numel() - 1
+        offsets = cu_seqlens.to(device=x.device, dtype=torch.long)
+        document, _ = document_positions(offsets, T)
+        if state is None:
+            state = x.new_zeros(n_docs, width, C)
+        shift = torch.arange(n_docs, device=x.device) * width
+        token_at = torch.arange(T, device=x.device) + (document + 1) * width
+        history_at = (offsets[:-1] + shift)[:, None] + torch.arange(width, device=x.device)  # (N, width)
+        rows = x.new_zeros(T + n_docs * width, C)
+        rows = rows.index_copy(0, token_at, x[0]).index_copy(0, history_at.flatten(), state.to(x.dtype).flatten(0, 1))
+        y = self._convolve(rows[None])[0]  # output j belongs to the token at row j + width
+        y = y.index_select(0, token_at - width)[None]
+        # A document's last ``width`` rows (its own tokens, topped up with its history when it is short).
+        end_at = offsets[1:] + shift + width
+        new_state = rows[end_at[:, None] - width + torch.arange(width, device=x.device)]
         return y, new_state
 
 
@@ -136,13 +177,15 @@ class MesaLayer(nn.Module):
         method: The op's method: ``"auto"`` (the op picks), ``"chunk"``, ``"recurrent"`` or ``"naive"``.
 
     Shapes:
-        ``x``: (B, T, d_model) -> (B, T, d_model). ``attention_mask`` and ``write_mask``: (B, T).
+        ``x``: (B, T, d_model) -> (B, T, d_model). ``attention_mask`` and ``write_mask``: (B, T). Packed documents:
+        ``x`` (1, T, d_model) with ``cu_seqlens`` (N + 1,).
 
     Example:
         >>> layer = MesaLayer(256, num_heads=4)
         >>> y = layer(torch.randn(2, 10, 256))
         >>> y, state = layer(torch.randn(2, 10, 256), return_state=True)
         >>> y_next, state = layer(torch.randn(2, 1, 256), state=state, return_state=True)
+        >>> y = layer(torch.randn(1, 10, 256), cu_seqlens=torch.tensor([0, 3, 10]))  # two documents, kept apart
     """
 
     def __init__(
@@ -239,6 +282,7 @@ class MesaLayer(nn.Module):
         write_mask: torch.Tensor | None = None,
         state: MesaState | None = None,
         return_state: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, MesaState]:
         """Applies the layer causally.
 
@@ -251,15 +295,23 @@ class MesaLayer(nn.Module):
                 a read-only token leaves the state as it found it (``beta = 0`` and no decay) and reads
                 ``G_{t-1} (H_{t-1} + Lambda)^{-1} q_t``, e.g. a query that must not enter its own regression.
             state: State returned by a previous call, to continue that sequence; a fresh sequence if ``None``.
-            return_state: Also return the state after the last (real) token.
+                With ``cu_seqlens``, one state per document (leading dimension N), or ``None``.
+            return_state: Also return the state after the last (real) token; with ``cu_seqlens``, the state after
+                each document (leading dimension N), ready to continue the N documents as a batch.
+            cu_seqlens: Offsets ``[0, l_1, l_1 + l_2, ..., T]`` of N documents packed into one row (B = 1; see
+                :mod:`mesa_module.packing`): each document starts from a fresh state (or its entry of ``state``), and
+                neither the statistics nor the short convolution carry anything across a document boundary. Each
+                document gets exactly what it would get alone. Not combined with ``attention_mask`` (packing needs
+                no padding).
 
         Returns:
             ``y`` of shape (B, T, d_model), or ``(y, new_state)`` if ``return_state``.
 
         Raises:
-            ValueError: If shapes, dtypes or the state do not fit the layer.
+            ValueError: If shapes, dtypes, packing offsets or the state do not fit the layer.
+            TypeError: If ``cu_seqlens`` is not an integer tensor.
         """
-        self._check_inputs(x, attention_mask, write_mask, state)
+        self._check_inputs(x, attention_mask, write_mask, state, cu_seqlens)
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
 
@@ -278,7 +330,8 @@ class MesaLayer(nn.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         conv_state = None
         if self.conv is not None:
-            qk, conv_state = self.conv(torch.cat([q, k], dim=-1), None if state is None else state.conv, lengths)
+            conv_in = torch.cat([q, k], dim=-1)
+            qk, conv_state = self.conv(conv_in, None if state is None else state.conv, lengths, cu_seqlens)
             q, k = qk.chunk(2, dim=-1)
         q, k, v = (t.reshape(B, T, H, D) for t in (q, k, v))
         if self.qk_norm:
@@ -310,6 +363,7 @@ class MesaLayer(nn.Module):
             output_final_state=return_state,
             method=self.method,
             chunk_size=self.chunk_size,
+            cu_seqlens=cu_seqlens,
         )
         if return_state:
             o, (h, g) = o
@@ -333,6 +387,7 @@ class MesaLayer(nn.Module):
         attention_mask: torch.Tensor | None,
         write_mask: torch.Tensor | None,
         state: MesaState | None,
+        cu_seqlens: torch.Tensor | None,
     ) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -343,22 +398,30 @@ class MesaLayer(nn.Module):
         for name, mask in (("attention_mask", attention_mask), ("write_mask", write_mask)):
             if mask is not None and tuple(mask.shape) != (B, T):
                 raise ValueError(f"{name} must have shape (B, T) = {(B, T)}, got {tuple(mask.shape)}")
+        # One state per sequence, or per document when packed.
+        n, rows = B, "batch"
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError(
+                    "pass either attention_mask (a padded batch) or cu_seqlens (documents packed into one row), not both"
+                )
+            n, rows = check_cu_seqlens(cu_seqlens, B, T), "number of packed documents"
         if state is None:
             return
         if not isinstance(state, MesaState):
             raise ValueError(f"state must be a MesaState returned by this layer, got {type(state).__name__}")
         H, D = self.num_heads, self.head_dim
-        if tuple(state.h.shape) != (B, H, D, D) or tuple(state.g.shape) != (B, H, D, D):
+        if tuple(state.h.shape) != (n, H, D, D) or tuple(state.g.shape) != (n, H, D, D):
             raise ValueError(
-                f"state does not fit this layer and batch: expected h and g of shape {(B, H, D, D)}, "
+                f"state does not fit this layer and {rows} ({n}): expected h and g of shape {(n, H, D, D)}, "
                 f"got {tuple(state.h.shape)} and {tuple(state.g.shape)}"
             )
         if self.conv is not None:
             width = self.conv.kernel_size - 1
-            if state.conv is None or tuple(state.conv.shape) != (B, width, 2 * H * D):
+            if state.conv is None or tuple(state.conv.shape) != (n, width, 2 * H * D):
                 got = None if state.conv is None else tuple(state.conv.shape)
                 raise ValueError(
-                    f"state.conv must have shape {(B, width, 2 * H * D)} for the short convolution, got {got}"
+                    f"state.conv must have shape {(n, width, 2 * H * D)} for the short convolution, got {got}"
                 )
         elif state.conv is not None:
             raise ValueError("state.conv is set but this layer has no short convolution")

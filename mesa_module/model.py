@@ -4,11 +4,14 @@ The file reads top to bottom: the config, softmax attention (with rotary positio
 transformer block, the model and its ``generate``. To try another mixer, change ``Block.__init__``.
 
 Mesa layers need no position encoding (they are causal recurrences); softmax layers use rotary embeddings with
-positions counted over real tokens only, so padding on either side changes nothing for real tokens.
+positions counted over real tokens only, so padding on either side changes nothing for real tokens. Documents packed
+into one row (``cu_seqlens``, see :mod:`mesa_module.packing`) are kept apart by every layer: mesa states restart,
+softmax attention stays within each document and rotary positions restart at 0.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -16,8 +19,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .layer import MesaLayer, MesaState
+from .packing import check_cu_seqlens, document_positions
 
 __all__ = ["MesaLM", "MesaLMConfig", "CausalSelfAttention", "KVCache"]
 
@@ -48,6 +53,9 @@ class MesaLMConfig:
         mesa_lambda_min: Floor of the mesa regulariser.
         mesa_chunk_size: Chunk length of the mesa op.
         mesa_method: Method of the mesa op (``"auto"``, ``"chunk"``, ``"recurrent"``, ``"naive"``).
+        gradient_checkpointing: Recompute each block's activations in the backward pass instead of storing them
+            (activation checkpointing): training memory grows with one block's activations instead of all of them,
+            for about one more forward pass of compute. Only while training with gradients; same gradients.
 
     The mesa defaults here are MesaNet's (gates, short convolution, gated output norm), which suit language
     modelling; :class:`MesaLayer`'s own defaults are the ungated 2023 layer.
@@ -71,6 +79,7 @@ class MesaLMConfig:
     mesa_lambda_min: float = 0.25
     mesa_chunk_size: int = 64
     mesa_method: str = "auto"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         if min(self.vocab_size, self.d_model, self.n_layers, self.n_heads) < 1:
@@ -131,9 +140,12 @@ class CausalSelfAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         state: KVCache | None = None,
         return_state: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
         B, T, _ = x.shape
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in self.qkv_proj(x).chunk(3, -1))
+        if cu_seqlens is not None:
+            return self._forward_packed(q, k, v, cu_seqlens, state, return_state)
 
         real = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask != 0
         past_len = 0 if state is None else state.k.shape[2]
@@ -162,6 +174,45 @@ class CausalSelfAttention(nn.Module):
         if return_state:
             return y, KVCache(k, v, key_mask)
         return y
+
+    def _forward_packed(self, q, k, v, cu_seqlens, state, return_state):
+        """Attention within each packed document (B = 1), rotary positions counted from each document's start."""
+        if state is not None:
+            raise ValueError(
+                "a softmax layer cannot continue packed documents from a KV cache; continue them as a batch from the "
+                "state that a packed call with return_state=True returns (one row per document)"
+            )
+        T = q.shape[2]
+        document, position = document_positions(cu_seqlens, T)
+        q, k = apply_rotary(q, position[None], self.rope_base), apply_rotary(k, position[None], self.rope_base)
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=q.device, dtype=torch.long)
+        longest = int(lengths.max())
+
+        def as_batch(t):  # (1, H, T, D) -> one right-padded row per document, (N, H, longest, D)
+            rows = t.new_zeros(lengths.numel(), self.n_heads, longest, t.shape[-1])
+            rows[document, :, position] = t[0].transpose(0, 1)
+            return rows
+
+        k_rows = v_rows = None
+        if lengths.numel() * longest <= 2 * T:
+            # The documents as a right-padded batch: causal attention never reaches the padding that follows a real
+            # token, so the fast unmasked kernel applies, at N * longest^2 work instead of T^2.
+            k_rows, v_rows = as_batch(k), as_batch(v)
+            y = F.scaled_dot_product_attention(as_batch(q), k_rows, v_rows, is_causal=True)
+            y = y[document, :, position].transpose(0, 1)[None]
+        else:
+            # Lengths too uneven for that (padding would dominate): one block-diagonal causal (T, T) mask.
+            t = torch.arange(T, device=q.device)
+            allowed = (t[None, :] <= t[:, None]) & (document[None, :] == document[:, None])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        y = self.o_proj(y.transpose(1, 2).reshape(1, T, -1))
+        if not return_state:
+            return y
+        # The right-padded rows are also the KV cache with which the documents go on decoding as a batch.
+        if k_rows is None:
+            k_rows, v_rows = as_batch(k), as_batch(v)
+        mask = torch.arange(longest, device=q.device)[None, :] < lengths[:, None]
+        return y, KVCache(k_rows, v_rows, mask)
 
 
 class MLP(nn.Module):
@@ -202,12 +253,11 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, *, attention_mask=None, state=None, return_state=False):
-        new_state = None
-        if return_state:
-            a, new_state = self.attn(self.norm1(x), attention_mask=attention_mask, state=state, return_state=True)
-        else:
-            a = self.attn(self.norm1(x), attention_mask=attention_mask, state=state)
+    def forward(self, x, *, attention_mask=None, state=None, return_state=False, cu_seqlens=None):
+        out = self.attn(
+            self.norm1(x), attention_mask=attention_mask, state=state, return_state=return_state, cu_seqlens=cu_seqlens
+        )
+        a, new_state = out if return_state else (out, None)
         x = x + a
         x = x + self.mlp(self.norm2(x))
         return x, new_state
@@ -219,15 +269,24 @@ class MesaLM(nn.Module):
     Args:
         config: The model's configuration; ``config.attention`` sets each block's attention kind.
 
+    Attributes:
+        gradient_checkpointing: Whether training recomputes each block's activations in the backward pass (starts
+            at ``config.gradient_checkpointing``; Hugging Face's ``activation_checkpointing_enable`` sets it too).
+
     Example:
         >>> model = MesaLM(MesaLMConfig(vocab_size=100, d_model=64, n_layers=2, attention=("mesa", "softmax")))
         >>> logits, loss = model(idx, targets)
         >>> out = model.generate(prompt, max_new_tokens=20, temperature=0)
+        >>> logits, loss = model(packed_idx, packed_targets, cu_seqlens=torch.tensor([0, 5, 12]))  # 2 documents
     """
+
+    # Hugging Face replaces this (e.g. to pass other checkpoint options); non-reentrant checkpointing takes keywords.
+    _gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
 
     def __init__(self, config: MesaLMConfig):
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = config.gradient_checkpointing
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, kind) for kind in config.attention)
         self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
@@ -258,18 +317,25 @@ class MesaLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         state: list[MesaState | KVCache] | None = None,
         return_state: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ):
         """Computes next-token logits for every position.
 
         Args:
             idx: Token ids (B, T).
-            targets: Optional next-token ids (B, T) for a mean cross-entropy loss; ``-100`` entries (e.g. padding)
-                are ignored.
+            targets: Optional next-token ids (B, T) for a mean cross-entropy loss; ``-100`` entries (e.g. padding,
+                or the last token of each packed document, whose next token belongs to another document) are
+                ignored.
             attention_mask: Optional (B, T), 0 for padding (either side); real tokens get the logits they would get
                 without the padding.
             state: Per-layer states from a previous call (a :class:`MesaState` for mesa layers, a
                 :class:`KVCache` for softmax layers), to continue those sequences.
-            return_state: Also return the per-layer states after this call.
+            return_state: Also return the per-layer states after this call. With ``cu_seqlens``: one row per
+                document (mesa states per document, softmax caches right-padded), so the documents continue as a
+                batch of N sequences.
+            cu_seqlens: Offsets ``[0, l_1, l_1 + l_2, ..., T]`` of N documents packed into one row (B = 1, see
+                :mod:`mesa_module.packing`): every document gets exactly the logits it would get alone. Not
+                combined with ``attention_mask``, nor with ``state`` when the stack has softmax layers.
 
         Returns:
             ``(logits, loss)``, or ``(logits, loss, state)`` if ``return_state``; ``loss`` is ``None`` without
@@ -279,10 +345,23 @@ class MesaLM(nn.Module):
             raise ValueError(f"idx must be integer token ids of shape (B, T), got {idx.dtype} {tuple(idx.shape)}")
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state must hold one entry per layer ({len(self.blocks)}), got {len(state)}")
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError(
+                    "pass either attention_mask (a padded batch) or cu_seqlens (documents packed into one row), not both"
+                )
+            check_cu_seqlens(cu_seqlens, *idx.shape)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         x = self.wte(idx)
         new_state = []
         for block, layer_state in zip(self.blocks, state or [None] * len(self.blocks), strict=True):
-            x, layer_state = block(x, attention_mask=attention_mask, state=layer_state, return_state=return_state)
+            kwargs = dict(
+                attention_mask=attention_mask, state=layer_state, return_state=return_state, cu_seqlens=cu_seqlens
+            )
+            if checkpointing:
+                x, layer_state = self._gradient_checkpointing_func(block.__call__, x, **kwargs)
+            else:
+                x, layer_state = block(x, **kwargs)
             new_state.append(layer_state)
         logits = self.lm_head(self.norm_f(x))
         loss = None

@@ -15,6 +15,7 @@ import torch
 
 from .chunk import chunk_mesa_attention
 from .naive import naive_mesa_attention
+from .packing import check_cu_seqlens
 from .recurrent import recurrent_mesa_attention
 
 METHODS = ("auto", "naive", "chunk", "recurrent")
@@ -42,6 +43,7 @@ def mesa_attention(
     output_final_state: bool = False,
     method: str = "auto",
     chunk_size: int = 64,
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """Mesa attention ``o_t = G_t (H_t + Lambda)^{-1} q_t`` over (B, T, H, D) tensors.
 
@@ -60,21 +62,29 @@ def mesa_attention(
         log_gamma: Log forget gate, (B, T, H), <= 0. None means no forgetting (gamma = 1).
         initial_state: ``(H_0, G_0)`` with shapes (B, H, Dk, Dk) and (B, H, Dv, Dk), e.g. the final
             state of a previous call; only the symmetric part of ``H_0`` is used. None means zeros.
-        output_final_state: Also return ``(H_T, G_T)`` (in the compute dtype).
+            With ``cu_seqlens``, one state per document: (N, H, Dk, Dk) and (N, H, Dv, Dk).
+        output_final_state: Also return ``(H_T, G_T)`` (in the compute dtype); with ``cu_seqlens``,
+            one per document (N, ...), an empty document's being its initial state.
         method: ``"chunk"`` (chunkwise, fast for long sequences), ``"recurrent"`` (token by token,
             for decoding), ``"naive"`` (per-token direct solves, the reference) or ``"auto"``
             (recurrent up to ``RECURRENT_MAX_T`` tokens, chunk beyond).
         chunk_size: Tokens per chunk for ``"chunk"`` (64 suits head sizes near 64).
+        cu_seqlens: Packed documents: a 1-D integer tensor of offsets ``[0, l_1, l_1 + l_2, ..., T]``
+            (flash-linear-attention's convention) into a single row (B == 1). Every statistic
+            restarts at a document's first token, so each document is computed as if alone; empty
+            documents (repeated offsets) are allowed. For ``"chunk"`` each document starts a chunk of
+            its own (its last chunk is padded), so documents much shorter than ``chunk_size`` waste work.
 
     Returns:
         ``o`` (B, T, H, Dv), or ``(o, (H_T, G_T))`` when ``output_final_state``.
 
     Raises:
         ValueError: For an unknown method, ``chunk_size < 1``, mismatched shapes or devices,
-            non-positive ``lam``, negative ``beta`` or positive ``log_gamma``.
-        TypeError: For non-tensor or non-floating-point inputs.
+            non-positive ``lam``, negative ``beta``, positive ``log_gamma``, or ``cu_seqlens`` with
+            B != 1 or offsets that do not run from 0 to T without decreasing.
+        TypeError: For non-tensor or non-floating-point inputs, or non-integer ``cu_seqlens``.
     """
-    _check_inputs(q, k, v, lam, beta, log_gamma, initial_state, method, chunk_size)
+    _check_inputs(q, k, v, lam, beta, log_gamma, initial_state, method, chunk_size, cu_seqlens)
     T = q.shape[1]
     if method == "auto":
         method = "recurrent" if T <= RECURRENT_MAX_T else "chunk"
@@ -89,7 +99,13 @@ def mesa_attention(
 
     with torch.autocast(q.device.type, enabled=False):
         state = None if initial_state is None else (cast(initial_state[0]), cast(initial_state[1]))
-        kwargs = dict(beta=cast(beta), log_gamma=cast(log_gamma), initial_state=state, output_final_state=True)
+        kwargs = dict(
+            beta=cast(beta),
+            log_gamma=cast(log_gamma),
+            initial_state=state,
+            output_final_state=True,
+            cu_seqlens=cu_seqlens,
+        )
         if method == "chunk":
             o, final = chunk_mesa_attention(cast(q), cast(k), cast(v), cast(lam), chunk_size=chunk_size, **kwargs)
         else:
@@ -100,7 +116,7 @@ def mesa_attention(
     return o
 
 
-def _check_inputs(q, k, v, lam, beta, log_gamma, initial_state, method, chunk_size) -> None:
+def _check_inputs(q, k, v, lam, beta, log_gamma, initial_state, method, chunk_size, cu_seqlens) -> None:
     """Raises a ValueError or TypeError that names the problem and the fix."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -135,16 +151,23 @@ def _check_inputs(q, k, v, lam, beta, log_gamma, initial_state, method, chunk_si
     for name, t in (("beta", beta), ("log_gamma", log_gamma)):
         if t is not None and tuple(t.shape) != (B, T, H):
             raise ValueError(f"{name} must have shape (B, T, H) = {(B, T, H)}, got {tuple(t.shape)}")
+    lead, lead_name = B, "B"
+    if cu_seqlens is not None:
+        lead, lead_name = check_cu_seqlens(cu_seqlens, B, T), "N"  # one state per document
     if initial_state is not None:
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
             raise ValueError("initial_state must be a pair (H_0, G_0), e.g. the final state of a previous call")
         h0, g0 = initial_state
-        if not isinstance(h0, torch.Tensor) or tuple(h0.shape) != (B, H, Dk, Dk):
+        if not isinstance(h0, torch.Tensor) or tuple(h0.shape) != (lead, H, Dk, Dk):
             got = tuple(h0.shape) if isinstance(h0, torch.Tensor) else type(h0).__name__
-            raise ValueError(f"initial_state[0] (H_0) must have shape (B, H, Dk, Dk) = {(B, H, Dk, Dk)}, got {got}")
-        if not isinstance(g0, torch.Tensor) or tuple(g0.shape) != (B, H, Dv, Dk):
+            raise ValueError(
+                f"initial_state[0] (H_0) must have shape ({lead_name}, H, Dk, Dk) = {(lead, H, Dk, Dk)}, got {got}"
+            )
+        if not isinstance(g0, torch.Tensor) or tuple(g0.shape) != (lead, H, Dv, Dk):
             got = tuple(g0.shape) if isinstance(g0, torch.Tensor) else type(g0).__name__
-            raise ValueError(f"initial_state[1] (G_0) must have shape (B, H, Dv, Dk) = {(B, H, Dv, Dk)}, got {got}")
+            raise ValueError(
+                f"initial_state[1] (G_0) must have shape ({lead_name}, H, Dv, Dk) = {(lead, H, Dv, Dk)}, got {got}"
+            )
     named = [("q", q), ("k", k), ("v", v), ("lam", lam), ("beta", beta), ("log_gamma", log_gamma)]
     if initial_state is not None:
         named += [("initial_state[0]", initial_state[0]), ("initial_state[1]", initial_state[1])]

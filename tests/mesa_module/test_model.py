@@ -1,6 +1,10 @@
-"""Tests of MesaLM: config checks, causality, decoding against the full forward pass, padding, gradients."""
+"""Tests of MesaLM: config checks, causality, decoding against the full forward pass, padding, gradients,
+activation checkpointing."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,3 +162,37 @@ def test_forward_rejects_bad_inputs():
     _, _, state = model(tokens(2, 4), return_state=True)
     with pytest.raises(ValueError, match="one entry per layer"):
         model(tokens(2, 1), state=state[:2])
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(stack):
+    idx, targets = tokens(2, 9), tokens(2, 9, seed=5)
+    grads, block_calls = {}, {}
+    for checkpointing in (False, True):
+        model = make_model(stack, bias=True, gradient_checkpointing=checkpointing)
+        calls = []
+        model.blocks[0].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        _, loss = model(idx, targets)
+        loss.backward()
+        grads[checkpointing] = {name: p.grad for name, p in model.named_parameters()}
+        block_calls[checkpointing] = len(calls)
+    assert block_calls == {False: 1, True: 2}  # the checkpointed block runs again in the backward pass
+    for name, grad in grads[False].items():
+        assert_close(grads[True][name], grad)
+
+
+def test_mesa_module_works_without_transformers():
+    """transformers is an optional extra: only mesa_module.hf imports it, and says how to install it."""
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import torch, mesa_module\n"
+        "model = mesa_module.MesaLM(mesa_module.MesaLMConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2))\n"
+        "assert model(torch.zeros(1, 3, dtype=torch.long))[0].shape == (1, 3, 10)\n"
+        "try:\n"
+        "    import mesa_module.hf\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "pip install -e '.[hf]'" in result.stdout

@@ -143,6 +143,23 @@ def test_gated_solvers_match_naive(monkeypatch, gate, subchunk, group_elements):
         assert rel_err(got[name], want[name]) <= 1e-10, name
 
 
+def test_lapack_calls_split_across_threads():
+    """With two intra-op threads the gated path's small LAPACK problems run on two Python threads, one intra-op
+    thread each; results and gradients are those of one thread, and the thread count comes back."""
+    inputs = make_inputs(1, 90, 3, 6, 5, gate=GATES["weak"], beta=True, initial_state=True)
+    g = torch.Generator().manual_seed(4)
+    weights = [torch.randn(*s, generator=g, dtype=torch.float64) for s in ((1, 90, 3, 5), (1, 3, 6, 6), (1, 3, 5, 6))]
+    want = grads_of(inputs, "chunk", weights)
+    torch.set_num_threads(2)
+    try:
+        got = grads_of(inputs, "chunk", weights)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    for name in want:
+        assert rel_err(got[name], want[name]) <= 1e-13, name
+
+
 @pytest.mark.parametrize("method", FAST_METHODS)
 def test_hard_reset_gate(method):
     """gamma = 0 (log gamma = -inf) forgets everything before, as at a document boundary."""
@@ -188,10 +205,9 @@ def test_output_is_exact_least_squares_prediction():
 # Gradients
 
 
-def grads_of(inputs, method, weights, chunk_size=16):
-    """Gradients of a random linear function of (o, H_T, G_T) for every differentiable input."""
-    leaves = {}
-    x = {}
+def leaves_of(inputs):
+    """Fresh leaf copies of the inputs: ``(leaves by name, h0 and g0 for the initial state; the inputs to pass)``."""
+    leaves, x = {}, {}
     for name, t in inputs.items():
         if name == "initial_state":
             x[name] = None if t is None else tuple(s.detach().clone().requires_grad_() for s in t)
@@ -201,6 +217,12 @@ def grads_of(inputs, method, weights, chunk_size=16):
             x[name] = None
         else:
             x[name] = leaves[name] = t.detach().clone().requires_grad_()
+    return leaves, x
+
+
+def grads_of(inputs, method, weights, chunk_size=16):
+    """Gradients of a random linear function of (o, H_T, G_T) for every differentiable input."""
+    leaves, x = leaves_of(inputs)
     o, (h, g) = run(x, method, output_final_state=True, chunk_size=chunk_size)
     loss = (o * weights[0]).sum() + (h * weights[1]).sum() + (g * weights[2]).sum()
     return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
@@ -253,9 +275,9 @@ def test_gradients_match_naive_float32():
             assert rel_err(got[name].double(), ref[name]) <= 1e-4, (method, name)
 
 
-def _gradcheck_inputs(gated):
+def _gradcheck_inputs(gated, T=5):
     g = torch.Generator().manual_seed(3)
-    B, T, H, Dk, Dv = 1, 5, 2, 3, 2
+    B, H, Dk, Dv = 1, 2, 3, 2
     q, k = (
         torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64),
         torch.randn(B, T, H, Dk, generator=g, dtype=torch.float64),
@@ -291,6 +313,22 @@ def test_gradcheck(method, gated):
         # solver at the point itself and the gated solver at the perturbed points: one function, two solvers.
         o, (h, g) = implementation(
             q, k, v, lam, beta=beta, log_gamma=log_gamma, initial_state=(h0, g0), output_final_state=True
+        )
+        return o, h, g
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 8], ids=["eig4", "eig8"])
+def test_gradcheck_gated_eigen_woodbury(chunk_size):
+    """The gated eigen-Woodbury solver (sub-chunks of 4 or 8 tokens, two capacitance blocks each, kept
+    decompositions), every input's gradient against finite differences; longer than one chunk."""
+    inputs = _gradcheck_inputs(True, T=11)
+    assert chunk_module._eig_subchunk(chunk_size) == chunk_size
+
+    def fn(q, k, v, lam, beta, log_gamma, h0, g0):
+        o, (h, g) = chunk_mesa_attention(
+            q, k, v, lam, beta, log_gamma, (h0, g0), output_final_state=True, chunk_size=chunk_size
         )
         return o, h, g
 
@@ -448,9 +486,15 @@ def test_chunk_saves_no_per_token_matrices():
         q = inputs["q"].requires_grad_()
         o = run(dict(inputs, q=q), "chunk", chunk_size=32)
         node = o.grad_fn
-        tensors = list(node.saved_tensors) + [t for t in node.solver if isinstance(t, torch.Tensor)]
-        tensors += [t for pair in node.solver if isinstance(pair, tuple) for t in pair]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+        def tensors(x):  # everything kept on the node, through nested tuples
+            if isinstance(x, torch.Tensor):
+                yield x
+            elif isinstance(x, (tuple, list)):
+                for item in x:
+                    yield from tensors(item)
+
+        return sum(t.numel() * t.element_size() for t in tensors((node.saved_tensors, node.solver)))
 
     for gated in (False, True):
         small, large = saved_bytes(256, gated), saved_bytes(1024, gated)
