@@ -368,7 +368,7 @@ def test_auto_meta_prompt_is_one_rule_for_instruction_and_numeric_opro(tmp_path,
             LinearRegression(seed=1),
             prompt_model="local/tiny-test-optimizer",
             num_steps=1,
-            proposals_per_step=2,
+            candidates_per_step=2,
             show_progress=False,
         )
         assert numeric.steps and numeric.best_solution == (15, 14)

@@ -70,7 +70,7 @@ def test_a_refused_resume_names_what_differs(tmp_path):
 
 
 def test_the_call_ledger_replays_its_events_survives_a_cut_line_and_belongs_to_one_run(tmp_path):
-    from dspy_opro.models import CallLedger, CallStats
+    from dspy_opro.counting import CallLedger, CallStats
 
     path = tmp_path / "opro_calls.jsonl"
     ledger = CallLedger(path)

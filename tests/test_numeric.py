@@ -32,6 +32,7 @@ from dspy_opro.numeric import (
     tour_length,
 )
 from dspy_opro.numeric.linear_regression import extract_pair
+from dspy_opro.calls import PromptModelError
 from dspy_opro.numeric.tsp import check_tour, extract_tour
 from dspy_opro.testing import ScriptedCall, ScriptedEngine, scripted_lm
 
@@ -429,7 +430,7 @@ def test_tsp_invalid_tours_are_resampled_up_to_the_cap():
         rest = rest[k % 5 :] + rest[: k % 5]
         return f"Here: <trace>{','.join(map(str, [0, *rest]))}</trace>"
 
-    result = run(problem, alternating, num_steps=2, proposals_per_step=2, max_samples_per_step=9, stop_at_optimum=False)
+    result = run(problem, alternating, num_steps=2, candidates_per_step=2, max_samples_per_step=9, stop_at_optimum=False)
     for step in result.steps:
         assert step.samples <= 9
         assert step.invalid >= 1
@@ -476,13 +477,57 @@ def test_lm_errors_are_counted_and_skipped():
     assert result.reached_optimum
 
 
-def test_a_model_that_always_fails_ends_the_run_early():
+def test_a_model_that_always_fails_stops_the_run_early_with_a_clear_error(tmp_path):
     def broken(call):
         raise ConnectionError("no route to host")
 
-    result = run(LinearRegression(seed=0), broken, num_steps=50)
-    assert result.stop_reason == "lm_errors" and result.steps_run == 3
-    assert result.counts.errors == 3 * 8  # one round per step: a failing model is not asked again
+    with pytest.raises(PromptModelError, match="prompt model 'scripted/lm' is unavailable") as stopped:
+        run(LinearRegression(seed=0), broken, num_steps=50, log_dir=tmp_path)
+    assert stopped.value.saved_to == str(tmp_path / "opro_numeric_history.json")
+    data = load_history(tmp_path)
+    assert data["steps"] == [] and data["pending"]["step"] == 1  # the step is not saved as done
+    # One round: each of the 8 samples and its 3 retries (OPRO's own, every request counted), then the stop.
+    assert data["counts"]["errors"] == data["counts"]["lm"]["errors"] == 8 * (1 + 3)
+    assert data["counts"]["valid"] == 0 and data["counts"]["lm"]["retries"] == 8 * 3
+
+
+def test_an_error_retrying_cannot_fix_stops_at_once():
+    calls = []
+
+    def unauthorized(call):
+        calls.append(1)
+        raise dspy.utils.exceptions.LMAuthError("Incorrect API key provided.", model="scripted/lm")
+
+    with pytest.raises(PromptModelError, match="failed with an error that retrying cannot fix"):
+        run(LinearRegression(seed=0), unauthorized, num_steps=5, num_threads=1)
+    assert len(calls) == 1  # never retried, and nothing after it was asked
+
+
+def test_after_an_outage_the_resumed_run_is_the_run_that_never_stopped(tmp_path):
+    problem = lambda: LinearRegression(w_true=12, b_true=3, seed=6)  # noqa: E731
+    search, asked, down = neighbour_search(), [], {"after": 8 * 2 + 3}  # the outage starts in step 3
+
+    def flaky(call):
+        asked.append(call.user)
+        if len(asked) > down["after"]:
+            raise ConnectionError("server down")
+        return search(call)
+
+    settings = dict(num_steps=5, stop_at_optimum=False, num_threads=1)
+    with pytest.raises(PromptModelError):
+        run(problem(), flaky, log_dir=tmp_path, **settings)
+    saved = load_history(tmp_path)
+    replies = [p for p in saved["pending"]["proposals"] if p["status"] != "error"]
+    assert len(saved["steps"]) == 2 and saved["pending"]["step"] == 3 and len(replies) == 3
+
+    down["after"], before = math.inf, len(asked)
+    resumed = run(problem(), flaky, log_dir=tmp_path, **settings)
+    whole = run(problem(), neighbour_search(), **settings)
+    assert resumed.best_per_step == whole.best_per_step
+    key = lambda result: sorted((p.step, p.status, p.solution) for p in result.proposals if p.status != "error")  # noqa: E731
+    assert key(resumed) == key(whole)
+    assert len(asked) - before == 8 * 5 - (8 * 2 + 3)  # the replies the first run got were not asked again
+    assert resumed.counts.errors == sum(p.status == "error" for p in resumed.proposals) > 0
 
 
 def test_max_calls_is_a_hard_cap():

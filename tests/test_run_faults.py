@@ -365,7 +365,8 @@ def test_a_retry_waits_as_long_as_retry_after_says_within_the_longest_wait(monke
 
 
 def test_an_empty_or_unreadable_reply_is_a_wrong_answer_not_a_failure():
-    from dspy_opro.models import CallCounter, Counts
+    from dspy_opro.counting import CallCounter
+    from dspy_opro.history import Counts
     from dspy_opro.scoring import Scorer
 
     with http_task.server() as server:

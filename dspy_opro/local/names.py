@@ -25,22 +25,25 @@ def check_name(name: str) -> None:
         raise ValueError(f"A model name must be non-empty, contain no '/' and not end in '.gguf': {name!r}")
 
 
-def add_gguf(name: str, path: Path) -> None:
-    """Name a GGUF file; refused when ``name`` is a generator's."""
+def _add(name: str, entry: Any, table: dict[str, Any], other: dict[str, Any], taken: str) -> None:
     check_name(name)
     with _lock:
-        if name in _generators:
-            raise ValueError(f"{name!r} already names a Python generator; unregister_generator({name!r}) first.")
-        _gguf[name] = path
+        if name in other:
+            raise ValueError(taken)
+        table[name] = entry
+
+
+def add_gguf(name: str, path: Path) -> None:
+    """Name a GGUF file; refused when ``name`` is a generator's."""
+    message = f"{name!r} already names a Python generator; unregister_generator({name!r}) first."
+    _add(name, path, _gguf, _generators, message)
 
 
 def add_generator(name: str, entry: Any) -> None:
     """Name a generator entry; refused when ``name`` is a GGUF model's."""
-    check_name(name)
-    with _lock:
-        if name in _gguf:
-            raise ValueError(f"{name!r} already names a GGUF model; choose another name for the generator.")
-        _generators[name] = entry
+    _add(
+        name, entry, _generators, _gguf, f"{name!r} already names a GGUF model; choose another name for the generator."
+    )
 
 
 def remove_generator(name: str) -> bool:
