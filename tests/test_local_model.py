@@ -17,7 +17,7 @@ import pytest
 from dspy.lm15 import Message, Response, TextPart, Usage
 from dspy.utils.exceptions import AdapterParseError
 
-from dspy_opro import demo
+from dspy_opro.tasks import demo
 from dspy_opro.local import (
     LlamaCppNotInstalledError,
     ModelNotFoundError,
