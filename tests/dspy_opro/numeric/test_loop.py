@@ -1,4 +1,4 @@
-"""Numeric OPRO: parsing, meta-prompts, exact optima and baselines, and the loop's stopping rules."""
+"""Numeric OPRO's loop: stopping rules, caps, OPRO's call and fault policy, resume, and bad settings."""
 
 from __future__ import annotations
 
@@ -9,35 +9,18 @@ import re
 import threading
 
 import dspy
-import numpy as np
 import pytest
 
+from dspy_opro.calls import PromptModelError
 from dspy_opro.numeric import (
-    InvalidProposal,
     LinearRegression,
-    Scored,
     TravelingSalesman,
-    best_integer_pair,
-    choose_shown,
-    farthest_insertion,
-    held_karp,
-    least_squares,
     load_history,
     make_prompt_model,
-    nearest_neighbour,
-    optimality_gap,
     optimize,
-    random_points,
-    render_meta_prompt,
-    tour_length,
 )
-from dspy_opro.numeric.linear_regression import extract_pair
-from dspy_opro.calls import PromptModelError
-from dspy_opro.numeric.tsp import check_tour, extract_tour
+from dspy_opro.numeric.tsp import check_tour
 from dspy_opro.testing import ScriptedCall, ScriptedEngine, scripted_lm
-
-# ------------------------------------------------------------------------------------------------
-# Scripted prompt models
 
 NEIGHBOURS = [(0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1)]
 
@@ -80,284 +63,6 @@ def run(problem, reply, **kwargs):
     settings.update(kwargs)
     lm = reply if isinstance(reply, dspy.BaseLM) else scripted_lm(reply)
     return optimize(problem, prompt_model=lm, **settings)
-
-
-# ------------------------------------------------------------------------------------------------
-# Linear regression: parsing
-
-
-@pytest.mark.parametrize(
-    "reply, pair",
-    [
-        ("I propose [15, 14]", (15, 14)),
-        ("The output must end with [w, b]. So: [16, 13]", (16, 13)),
-        ("[w=17, b=-3]", (17, -3)),
-        ("first [1, 2], then better: [3, 4]", (3, 4)),
-        ("[15.0, 14]", (15, 14)),
-        ("[ -2 , +5 ]", (-2, 5)),
-        ("see [the list] and [12, 11] and [notes]", (12, 11)),
-    ],
-)
-def test_chat_pairs_are_read_from_the_last_numeric_brackets(reply, pair):
-    assert extract_pair(reply, "chat") == pair
-
-
-@pytest.mark.parametrize(
-    "reply, reason",
-    [
-        ("", "no pair found"),
-        ("w is 15 and b is 14", "no pair found"),
-        ("End with [w, b].", "no pair found"),
-        ("[15, 14, 3]", "no pair found"),
-        ("[15.5, 14]", "non-integer"),
-        ("[15, 1e9]", "out of range"),
-        ("[1e400, 2]", "out of range"),
-    ],
-)
-def test_chat_replies_without_a_valid_pair_are_rejected_with_a_reason(reply, reason):
-    with pytest.raises(InvalidProposal) as caught:
-        extract_pair(reply, "chat")
-    assert caught.value.reason == reason
-
-
-@pytest.mark.parametrize(
-    "reply, expected",
-    [
-        ("15, 14", (15, 14)),
-        ("15, 14] value 3", (15, 14)),
-        ("[16, 12", (16, 12)),  # the model opened its own bracket
-        ("w=3, b=4", (3, 4)),
-        ("", "no pair found"),
-        ("\n15, 14", "no pair found"),
-        ("15 14", "not a pair of numbers"),
-        ("15, 14, 13", "not a pair of numbers"),
-        ("2.5, 1", "non-integer"),
-    ],
-)
-def test_base_replies_continue_the_open_bracket(reply, expected):
-    if isinstance(expected, tuple):
-        assert extract_pair(reply, "base") == expected
-    else:
-        with pytest.raises(InvalidProposal) as caught:
-            extract_pair(reply, "base")
-        assert caught.value.reason == expected
-
-
-def test_problem_bounds_apply_to_parsing():
-    problem = LinearRegression(max_abs=100)
-    assert problem.parse("[100, -100]", "chat") == (100, -100)
-    with pytest.raises(InvalidProposal, match="out of range"):
-        problem.parse("[101, 0]", "chat")
-
-
-# ------------------------------------------------------------------------------------------------
-# Linear regression: the problem
-
-
-@pytest.mark.parametrize("w, b, noise, seed", [(15, 14, 1.0, 0), (36, -1, 1.0, 3), (2, 30, 20.0, 1), (3.4, 5.6, 5, 2)])
-def test_best_integer_pair_matches_a_grid_search(w, b, noise, seed):
-    problem = LinearRegression(w_true=w, b_true=b, noise_std=noise, seed=seed)
-    w_ls, b_ls = problem.least_squares
-    grid = [
-        (problem.evaluate((wi, bi)), (wi, bi))
-        for wi in range(math.floor(w_ls) - 3, math.ceil(w_ls) + 4)
-        for bi in range(math.floor(b_ls) - 60, math.ceil(b_ls) + 61)
-    ]
-    value, pair = min(grid)
-    assert problem.optimum_solution == pair
-    assert problem.optimum == pytest.approx(value)
-
-
-def test_least_squares_matches_numpy():
-    problem = LinearRegression(w_true=3, b_true=-2, noise_std=2, seed=5)
-    assert least_squares(problem.x, problem.y) == pytest.approx(tuple(np.polyfit(problem.x, problem.y, 1)))
-    pair, value = best_integer_pair(problem.x, problem.y)
-    assert (pair, value) == (problem.optimum_solution, problem.optimum)
-    assert value <= problem.evaluate(tuple(round(v) for v in problem.least_squares))
-
-
-def test_the_paper_setup_is_reproduced():
-    problem = LinearRegression(seed=7)
-    assert problem.x.tolist() == list(range(1, 51))
-    starts = problem.initial_solutions()
-    assert len(starts) == len(set(starts)) == 5
-    assert all(10 <= c <= 20 and isinstance(c, int) for pair in starts for c in pair)
-    assert problem.optimum_solution not in starts
-    assert LinearRegression(seed=7).initial_solutions() == starts  # seeded
-    assert LinearRegression(seed=8).initial_solutions() != starts
-    residuals = problem.y - (15 * problem.x + 14)
-    assert abs(residuals.std() - 1.0) < 0.3  # N(0, 1) noise
-
-
-def test_linear_regression_meta_prompts_golden():
-    problem = LinearRegression(seed=0)
-    history = [Scored((12, 11), 91234.4), Scored((15, 10), 824.45), Scored((18, 18), 418365.0), Scored((16, 14), 9.5)]
-    assert render_meta_prompt(problem, history, style="chat", max_shown=3) == (
-        "Help me minimize a function of two variables, w and b. Below are (w, b) pairs I have tried, each with the "
-        "value of the function there. The pairs are listed from the highest value to the lowest, and lower values "
-        "are better.\n"
-        "\n"
-        "input:\nw=12, b=11\nvalue:\n91234\n"
-        "\n"
-        "input:\nw=15, b=10\nvalue:\n824\n"
-        "\n"
-        "input:\nw=16, b=14\nvalue:\n10\n"
-        "\n"
-        "Propose a new (w, b) pair that differs from every pair above and has a lower function value than all of "
-        "them. Do not write code. End your reply with the pair as [w, b], where w and b are integers."
-    )
-    assert render_meta_prompt(problem, history, style="base") == (
-        "Pairs [w, b] and the value of a function at each pair, from the highest value to the lowest. Lower values "
-        "are better; each new pair improves on the one before.\n"
-        "\n"
-        "[18, 18] value 418365\n"
-        "[12, 11] value 91234\n"
-        "[15, 10] value 824\n"
-        "[16, 14] value 10\n"
-        "["
-    )
-
-
-def test_shown_solutions_are_the_best_worst_first():
-    history = [Scored("a", 5.0), Scored("b", 1.0), Scored("c", 3.0), Scored("d", 3.0), Scored("e", 9.0)]
-    assert [s.solution for s in choose_shown(history, max_shown=3, minimize=True)] == ["c", "d", "b"]
-    assert [s.solution for s in choose_shown(history, max_shown=3, minimize=False)] == ["d", "a", "e"]
-    assert [s.solution for s in choose_shown(history, max_shown=10, minimize=True)] == ["e", "a", "c", "d", "b"]
-
-
-# ------------------------------------------------------------------------------------------------
-# TSP: parsing and validity
-
-
-@pytest.mark.parametrize(
-    "reply, style, tour",
-    [
-        ("<trace>0,1,2,3</trace>", "chat", (0, 1, 2, 3)),
-        ("Sure: <trace> 0, 2, 1, 3 </trace>", "chat", (0, 2, 1, 3)),
-        ("<trace>0,1,2,3</trace> is long; better: <TRACE>0,3,1,2</TRACE>", "chat", (0, 3, 1, 2)),
-        ("<trace>0 3 2 1</trace>", "chat", (0, 3, 2, 1)),
-        ("<trace>0,1,3,2,0</trace>", "chat", (0, 1, 3, 2)),  # a closing return to 0 is dropped
-        ("0,3,2,1", "base", (0, 3, 2, 1)),
-        ("0,3,2,1</trace> length 5", "base", (0, 3, 2, 1)),
-        ("0,3,2,1\n<trace>0,1,2,3</trace>", "base", (0, 3, 2, 1)),
-    ],
-)
-def test_valid_tours_are_read(reply, style, tour):
-    assert extract_tour(reply, style, 4) == tour
-
-
-@pytest.mark.parametrize(
-    "reply, style, reason",
-    [
-        ("no tour here", "chat", "no tour found"),
-        ("<trace>0,1,2,3", "chat", "no tour found"),
-        ("<trace></trace>", "chat", "empty tour"),
-        ("<trace>0,1,x,3</trace>", "chat", "not integers"),
-        ("<trace>0,1.5,2,3</trace>", "chat", "not integers"),
-        ("<trace>1,0,2,3</trace>", "chat", "wrong start"),
-        ("<trace>0,1,2,4</trace>", "chat", "unknown point"),
-        ("<trace>0,-1,2,3</trace>", "chat", "unknown point"),
-        ("<trace>0,1,1,3</trace>", "chat", "repeated point"),
-        ("<trace>0,1,2</trace>", "chat", "missing points"),
-        ("<trace>0,1,2,3,0,1</trace>", "chat", "repeated point"),
-        ("", "base", "no tour found"),
-        ("\n0,1,2,3", "base", "no tour found"),
-        ("0,1,2,3,3", "base", "repeated point"),
-    ],
-)
-def test_invalid_tours_are_rejected_with_a_reason(reply, style, reason):
-    with pytest.raises(InvalidProposal) as caught:
-        extract_tour(reply, style, 4)
-    assert caught.value.reason == reason
-
-
-def brute_force(points):
-    n = len(points)
-    return min(tour_length(points, (0, *rest)) for rest in itertools.permutations(range(1, n)))
-
-
-@pytest.mark.parametrize("n, seed", [(2, 0), (3, 1), (4, 2), (5, 3), (6, 4), (7, 5), (8, 6)])
-def test_held_karp_matches_brute_force(n, seed):
-    points = random_points(n, seed=seed)
-    tour, length = held_karp(points)
-    assert check_tour(tour, n) == tour
-    assert length == pytest.approx(tour_length(points, tour))
-    assert length == pytest.approx(brute_force(points))
-
-
-def test_held_karp_refuses_large_instances_clearly():
-    with pytest.raises(ValueError, match="limited to 13 points"):
-        held_karp(random_points(14))
-    assert TravelingSalesman(n=14).optimum is None
-    with pytest.raises(ValueError, match="limited to 13"):
-        TravelingSalesman(n=14, exact=True)
-
-
-@pytest.mark.parametrize("n, seed", [(5, 0), (9, 1), (13, 2), (40, 3)])
-def test_heuristics_give_valid_tours_no_shorter_than_the_optimum(n, seed):
-    points = random_points(n, seed=seed)
-    optimum = held_karp(points)[1] if n <= 13 else 0.0
-    for heuristic in (nearest_neighbour, farthest_insertion):
-        tour = heuristic(points)
-        assert check_tour(tour, n) == tour
-        assert tour_length(points, tour) >= optimum - 1e-9
-
-
-def test_nearest_neighbour_and_gap_on_a_known_instance():
-    points = [(0, 0), (10, 0), (1, 0), (10, 1)]
-    assert nearest_neighbour(points) == (0, 2, 1, 3)
-    assert farthest_insertion(points) in {(0, 2, 1, 3), (0, 3, 1, 2), (0, 1, 3, 2), (0, 2, 3, 1)}
-    assert optimality_gap(110.0, 100.0) == pytest.approx(10.0)
-
-
-def test_random_points_are_distinct_integers_in_range_and_seeded():
-    points = random_points(50, seed=3)
-    assert len(set(points)) == 50
-    assert all(-100 <= c <= 100 and isinstance(c, int) for p in points for c in p)
-    assert random_points(50, seed=3) == points != random_points(50, seed=4)
-
-
-def test_tsp_starts_are_distinct_non_optimal_tours_from_0():
-    problem = TravelingSalesman(n=8, seed=1)
-    starts = problem.initial_solutions()
-    assert len(starts) == len(set(starts)) == 5
-    assert all(check_tour(t, 8) == t for t in starts)
-    assert not any(problem.is_optimal(problem.evaluate(t)) for t in starts)
-
-
-def test_tsp_meta_prompts_golden():
-    problem = TravelingSalesman(points=[(0, 0), (3, 4), (-5, 2), (10, -1)])
-    history = [Scored((0, 1, 2, 3), 40.2), Scored((0, 2, 1, 3), 30.7), Scored((0, 3, 2, 1), 35.5)]
-    assert render_meta_prompt(problem, history, style="chat", max_shown=2) == (
-        "Here are 4 points and their coordinates:\n(0): (0, 0), (1): (3, 4), (2): (-5, 2), (3): (10, -1).\n"
-        "\n"
-        "Below are tours through these points, each with its length. The tours are listed from the longest to the "
-        "shortest, and shorter tours are better.\n"
-        "\n"
-        "<trace>0,3,2,1</trace>\nlength:\n36\n"
-        "\n"
-        "<trace>0,2,1,3</trace>\nlength:\n31\n"
-        "\n"
-        "Write a new tour that differs from every tour above and is shorter than all of them. It must start at "
-        "point 0 and visit every point exactly once. Write the point numbers separated by commas, starting with "
-        "<trace> and ending with </trace>."
-    )
-    assert render_meta_prompt(problem, history, style="base") == (
-        "Points and their coordinates: (0): (0, 0), (1): (3, 4), (2): (-5, 2), (3): (10, -1).\n"
-        "\n"
-        "Tours that start at point 0 and visit every point exactly once, from the longest to the shortest. Each new "
-        "tour is shorter than the one before.\n"
-        "\n"
-        "<trace>0,1,2,3</trace> length 40\n"
-        "<trace>0,3,2,1</trace> length 36\n"
-        "<trace>0,2,1,3</trace> length 31\n"
-        "<trace>"
-    )
-    assert problem.stop("base") == ["</trace>"] and problem.stop("chat") is None
-
-
-# ------------------------------------------------------------------------------------------------
-# The loop
 
 
 def test_a_sensible_model_reaches_the_optimum_and_the_run_stops_there():
@@ -430,7 +135,9 @@ def test_tsp_invalid_tours_are_resampled_up_to_the_cap():
         rest = rest[k % 5 :] + rest[: k % 5]
         return f"Here: <trace>{','.join(map(str, [0, *rest]))}</trace>"
 
-    result = run(problem, alternating, num_steps=2, candidates_per_step=2, max_samples_per_step=9, stop_at_optimum=False)
+    result = run(
+        problem, alternating, num_steps=2, candidates_per_step=2, max_samples_per_step=9, stop_at_optimum=False
+    )
     for step in result.steps:
         assert step.samples <= 9
         assert step.invalid >= 1
@@ -615,10 +322,6 @@ def test_make_prompt_model_picks_the_style():
         make_prompt_model("openai/gpt-4o-mini", style="poem")
 
 
-# ------------------------------------------------------------------------------------------------
-# The embedded local model
-
-
 @pytest.mark.local_model
 def test_a_short_real_run_on_the_local_model():
     pytest.importorskip("llama_cpp")
@@ -637,3 +340,23 @@ def test_a_short_real_run_on_the_local_model():
         elif proposal.status == "invalid":
             assert proposal.reason and proposal.reply is not None
     assert result.best_value <= min(problem.evaluate(s) for s in problem.initial_solutions())
+
+
+def test_the_former_argument_names_still_work_with_a_warning():
+    with pytest.deprecated_call(match="proposals_per_step is deprecated; use candidates_per_step"):
+        result = run(LinearRegression(seed=1), neighbour_search(), num_steps=1, proposals_per_step=3, style="chat")
+    assert result.counts.samples == 3 and result.steps[0].meta_prompt.startswith("Help me minimize")
+    with pytest.deprecated_call(match="style is deprecated; use meta_prompt"):
+        lm, family = make_prompt_model("openai/gpt-4o-mini", style="base")
+    assert family == "base" and lm.model_type == "text"
+    with pytest.raises(TypeError, match="unexpected keyword argument 'proposal_per_step'"):
+        optimize(LinearRegression(), prompt_model=lm, proposal_per_step=3)
+
+
+def test_the_former_public_names_of_the_numeric_package_still_resolve_with_a_warning():
+    import dspy_opro.numeric as numeric
+
+    with pytest.deprecated_call(match="StepRecord is deprecated"):
+        assert numeric.StepRecord is numeric.NumericStep
+    with pytest.deprecated_call(match="STYLES is deprecated"):
+        assert numeric.STYLES == numeric.FAMILY_NAMES == LinearRegression.families

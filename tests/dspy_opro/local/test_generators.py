@@ -21,19 +21,10 @@ from dspy_opro.local import (
     is_generator,
     local_lm,
     model_names,
-    register,
     register_generator,
     register_model,
     unregister_generator,
 )
-
-
-@pytest.fixture(scope="module")
-def litellm():
-    register()
-    import litellm as module
-
-    return module
 
 
 @pytest.fixture
