@@ -6,7 +6,7 @@
   one, else an exponential backoff (`Backoff`) — up to the LM's own ``num_retries`` times (DSPy's
   knob, 3 by default). OPRO runs the retries itself, on copies of the LMs with DSPy's retries
   turned off (`without_retries`): each request the provider receives is then one DSPy LM call,
-  which the call counter sees and `dspy_opro.models.CallStats` reports.
+  which the call counter sees and `dspy_opro.counting.CallStats` reports.
 - ``FATAL`` and ``PROGRAM`` failures are not retried: retrying cannot change them.
 - A job (one program run on one example, or one prompt-model sample) that still fails is a
   *failure* with its kind. The caller decides what follows (`run_jobs` lets it stop the pool at

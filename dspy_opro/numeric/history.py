@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dspy_opro.counting import CallStats
-from dspy_opro.run import CountsRecord, former_name
+from dspy_opro.run import CountsRecord
 
 from .problem import Problem
 
@@ -227,7 +227,3 @@ def load_history(log_dir: str | os.PathLike) -> dict[str, Any]:
     """The JSON history a run wrote to ``log_dir`` (plain data, for inspection)."""
     path = Path(log_dir) / CHECKPOINT_NAME
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def __getattr__(name: str) -> Any:
-    return former_name(__name__, name, {"StepRecord": ("dspy_opro.numeric.NumericStep", lambda: NumericStep)})

@@ -18,7 +18,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 from dspy_opro.families import Family, Scored, check_family, choose_shown, display_value
-from dspy_opro.run import former_name, take_renamed
+from dspy_opro.run import take_renamed
 
 __all__ = ["InvalidProposal", "Problem", "Scored", "choose_shown", "display_value", "render_meta_prompt"]
 
@@ -155,7 +155,3 @@ def render_meta_prompt(
     family = problem.family(given["meta_prompt"], argument=given.name("meta_prompt"))
     limit = problem.default_max_shown if max_shown is None else max_shown
     return family.write(choose_shown(history, max_shown=limit, minimize=problem.minimize))
-
-
-def __getattr__(name: str) -> Any:
-    return former_name(__name__, name, {"STYLES": ("Problem.families (FAMILY_NAMES)", lambda: FAMILY_NAMES)})

@@ -1,4 +1,4 @@
-"""Scoring with failures: a failed example is never a score (scripted models; HTTP faults are in test_run_faults)."""
+"""Scoring with failures: a failed example is never a score (scripted models; HTTP faults are in test_calls)."""
 
 import dspy
 import pytest
