@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dspy  # noqa: E402
 from dspy.utils.exceptions import AdapterParseError  # noqa: E402
 
-from dspy_opro.tasks import demo  # noqa: E402
 from dspy_opro.local import SmallModelAdapter, gguf, local_lm, register, text_lm  # noqa: E402
+from dspy_opro.tasks import demo  # noqa: E402
 
 SECTIONS = ("latency", "parse", "threads", "accuracy")
 
