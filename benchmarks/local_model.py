@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dspy  # noqa: E402
 from dspy.utils.exceptions import AdapterParseError  # noqa: E402
 
-from dspy_opro import demo  # noqa: E402
-from dspy_opro.local import SmallModelAdapter, local_lm, register, runtime, text_lm  # noqa: E402
+from dspy_opro.local import SmallModelAdapter, gguf, local_lm, register, text_lm  # noqa: E402
+from dspy_opro.tasks import demo  # noqa: E402
 
 SECTIONS = ("latency", "parse", "threads", "accuracy")
 
@@ -239,7 +239,7 @@ def bench_threads(args: argparse.Namespace) -> dict:
     for _ in range(args.rounds):
         for mode, threads in configs:
             for _attempt in range(args.tries):
-                runtime.unload_all()
+                gguf.unload_all()
                 options = {"temperature": 0.0, "max_tokens": args.max_tokens, "concurrency": mode}
 
                 def call(messages, options=options):
@@ -253,8 +253,8 @@ def bench_threads(args: argparse.Namespace) -> dict:
                 if watch.others is None or watch.others <= args.max_others:
                     break
             runs[(mode, threads)].append({"seconds": watch.seconds, "tokens": tokens, "others": watch.others})
-            settings = runtime.runtime_settings("smollm2", concurrency=mode)
-            contexts[(mode, threads)] = (runtime.get_runtime(settings).loaded, settings.n_threads)
+            settings = gguf.runtime_settings("smollm2", concurrency=mode)
+            contexts[(mode, threads)] = (gguf.get_runtime(settings).loaded, settings.n_threads)
     results = {}
     rows = []
     for mode, threads in configs:
@@ -284,7 +284,7 @@ def bench_threads(args: argparse.Namespace) -> dict:
         )
     table(
         f"Throughput, {len(requests)} chat calls per run, {args.rounds} interleaved rounds, greedy, "
-        f"max_tokens={args.max_tokens}, {runtime.cpu_count()} cores",
+        f"max_tokens={args.max_tokens}, {gguf.cpu_count()} cores",
         [
             "mode",
             "caller threads",
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
 
     register()
-    print(f"model: {runtime.resolve_model_path('smollm2')}  cores: {runtime.cpu_count()}  load: {_load()}")
+    print(f"model: {gguf.resolve_model_path('smollm2')}  cores: {gguf.cpu_count()}  load: {_load()}")
     results = {}
     for section in chosen:
         start = time.perf_counter()

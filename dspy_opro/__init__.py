@@ -2,6 +2,10 @@
 
 from dspy_opro import OPRO
 optimized = OPRO(metric=metric, prompt_model="openai/gpt-4o-mini").compile(program, trainset=train, valset=val)
+
+`setup_models` sets up task and prompt models by the package's one policy (the demo, the examples and
+the benchmarks use it); `dspy_opro.study` compares the optimized instruction with baselines on held-out
+data; `dspy_opro.numeric` runs OPRO on black-box numeric problems; `dspy_opro.local` serves local models.
 """
 
 import os
@@ -12,8 +16,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from .candidates import dedup_key, normalize_instruction  # noqa: E402
 from .exemplars import EXEMPLAR_STRATEGIES  # noqa: E402
+from .families import Family, meta_prompt_family  # noqa: E402
 from .local import register as _register_local_provider  # noqa: E402
 from .meta_prompt import FAMILIES, Exemplar, extract_instruction, render_meta_prompt  # noqa: E402
+from .models import ModelSetup, setup_models  # noqa: E402
 from .optimizer import OPRO  # noqa: E402
 
 __version__ = "0.1.0"
@@ -41,6 +47,10 @@ def register() -> None:
 
 __all__ = [
     "OPRO",
+    "ModelSetup",
+    "setup_models",
+    "Family",
+    "meta_prompt_family",
     "register",
     "render_meta_prompt",
     "extract_instruction",

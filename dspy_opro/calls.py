@@ -6,7 +6,7 @@
   one, else an exponential backoff (`Backoff`) — up to the LM's own ``num_retries`` times (DSPy's
   knob, 3 by default). OPRO runs the retries itself, on copies of the LMs with DSPy's retries
   turned off (`without_retries`): each request the provider receives is then one DSPy LM call,
-  which the call counter sees and `dspy_opro.models.CallStats` reports.
+  which the call counter sees and `dspy_opro.counting.CallStats` reports.
 - ``FATAL`` and ``PROGRAM`` failures are not retried: retrying cannot change them.
 - A job (one program run on one example, or one prompt-model sample) that still fails is a
   *failure* with its kind. The caller decides what follows (`run_jobs` lets it stop the pool at
@@ -25,7 +25,7 @@ import random
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
@@ -96,8 +96,8 @@ class RunStoppedError(RuntimeError):
         if self.saved_to is None:
             return self.message
         return (
-            f"{self.message} Everything that succeeded is saved in {self.saved_to}: call compile again with the "
-            "same log_dir to redo only the failed and missing calls."
+            f"{self.message} Everything that succeeded is saved in {self.saved_to}: run again with the same log_dir "
+            "to redo only the failed and missing calls."
         )
 
 
@@ -120,13 +120,18 @@ class JobError(Exception):
 
 @dataclass
 class Outcome:
-    """How one job ended: its value, or its last error with its `dspy_opro.faults` kind."""
+    """How one job ended: its value, or its last error with its `dspy_opro.faults` kind.
+
+    ``failures`` holds the error of every attempt that failed, in order (a job that succeeded after a
+    retry has one), for callers that keep a record of failed requests.
+    """
 
     value: Any = None
     error: BaseException | None = None
     kind: str | None = None
     where: str = "the call"
     attempts: int = 1
+    failures: list[BaseException] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -186,15 +191,16 @@ def finish_lazy_imports(lms: Iterable[Any]) -> None:
 
 def attempt(job: Callable[[], Any], *, retries: int, backoff: Backoff, stop: threading.Event, on_retry=None) -> Outcome:
     """Run ``job``, retrying transient failures (see the module docstring); never raises an ``Exception``."""
-    tries = 0
+    tries, failures = 0, []
     while True:
         tries += 1
         try:
-            return Outcome(value=job(), attempts=tries)
+            return Outcome(value=job(), attempts=tries, failures=failures)
         except Exception as exc:
             where, cause = (exc.where, exc.cause) if isinstance(exc, JobError) else ("the call", exc)
             kind = classify(cause)
-            outcome = Outcome(error=cause, kind=kind, where=where, attempts=tries)
+            failures.append(cause)
+            outcome = Outcome(error=cause, kind=kind, where=where, attempts=tries, failures=list(failures))
             if kind != TRANSIENT or tries > retries or stop.is_set():
                 return outcome
             wait_s = backoff.delay(tries - 1, cause)

@@ -1,23 +1,52 @@
-"""The run history: every scored candidate, the per-step trajectory, and its JSON checkpoint."""
+"""The state of an instruction OPRO run: its scored candidates, its steps, the step in flight and its counts.
+
+Everything here is plain data that round-trips through the JSON history in ``log_dir``
+(`dspy_opro.run.Checkpoint`). A candidate keeps its per-example results; its score, the number of
+examples it was scored on and its validation score are derived from them (the history file also
+writes them, for people reading it, and ignores them on reading).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .models import Counts
+from .counting import CallStats
+from .run import CountsRecord
+from .scoring import Evaluation, percent_of
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: failed examples are never scores; a stopped step is kept as `pending`
 CHECKPOINT_NAME = "opro_history.json"
 LEDGER_NAME = "opro_calls.jsonl"
+ALL_PREDICTORS = "*"  # the `predictor` of the initial configuration shared by all predictors
+
+
+@dataclass
+class Counts(CountsRecord):
+    """Everything a run has spent and discarded; saved with the run history.
+
+    ``metric_calls`` counts scored (program, example) pairs: the runs that gave a score, which is
+    what ``max_metric_calls`` caps; ``task_failures`` the runs that failed (after their retries).
+    ``task`` and ``prompt`` are the two models' call statistics.
+    """
+
+    ROLES = {"task": "task", "prompt": "prompt"}
+    JSON_NAMES = {"task": "task_lm", "prompt": "prompt_lm"}
+
+    metric_calls: int = 0
+    task_failures: int = 0
+    task: CallStats = field(default_factory=CallStats)
+    prompt: CallStats = field(default_factory=CallStats)
+    proposals: int = 0
+    unparsed: int = 0
+    duplicates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+_DERIVED = ("instruction", "score", "evaluated", "val_score")
 
 
 @dataclass
@@ -27,16 +56,12 @@ class Candidate:
     Attributes:
         id: Position in the run's history (0, 1, ...).
         step: 0 for the initial instructions, then the optimization step that proposed it.
-        predictor: Name of the predictor whose instruction this candidate changes.
-        instruction: That predictor's instruction.
-        instructions: The instruction of every predictor in this configuration.
-        score: Training score, 0-100 (mean metric x 100).
+        predictor: Name of the predictor whose instruction this candidate changes (`ALL_PREDICTORS` for
+            the starting configuration of a program with several predictors).
+        instructions: The instruction of every predictor in this configuration, in the program's order.
         per_example: Per-training-example metric values, in trainset order; ``None`` where
             screening stopped before running the example.
         failures: Failed runs while scoring it (after retries; runs repeated until they succeeded).
-        evaluated: How many training examples were scored (all, unless screening stopped it;
-            then ``score`` is the mean over those).
-        val_score: Validation score, 0-100, once every validation example was scored.
         program_errors: Training examples on which the program or the metric raised. A candidate
             with any is incomplete: never chosen, validated, taken as the best, or shown to the
             prompt model.
@@ -47,15 +72,36 @@ class Candidate:
     id: int
     step: int
     predictor: str
-    instruction: str
     instructions: dict[str, str]
-    score: float
     per_example: list[float | None]
     failures: int = 0
-    evaluated: int = 0
-    val_score: float | None = None
     program_errors: list[int] = field(default_factory=list)
     validation: dict[str, Any] | None = None
+
+    @property
+    def instruction(self) -> str:
+        """The instruction of its predictor (the first predictor's for a starting configuration)."""
+        if self.predictor in self.instructions:
+            return self.instructions[self.predictor]
+        return next(iter(self.instructions.values()))
+
+    @property
+    def score(self) -> float:
+        """Training score, 0-100: the mean metric value over the examples it was scored on, x 100."""
+        return percent_of(self.per_example)
+
+    @property
+    def evaluated(self) -> int:
+        """How many training examples were scored (all, unless screening stopped it)."""
+        return sum(s is not None for s in self.per_example)
+
+    @property
+    def val_score(self) -> float | None:
+        """Validation score, 0-100, once every validation example was scored; else ``None``."""
+        if not self.validation or not self.validation.get("done"):
+            return None
+        result = Evaluation.from_json(self.validation)
+        return result.score if result.complete else None
 
     @property
     def complete(self) -> bool:
@@ -63,16 +109,41 @@ class Candidate:
         return not self.program_errors
 
     def summary(self) -> dict[str, Any]:
-        """The candidate without its per-example results."""
-        data = asdict(self)
-        data.pop("per_example")
-        data.pop("validation")
-        return data
+        """The candidate without its per-example results (scores 0-100)."""
+        return {
+            "id": self.id,
+            "step": self.step,
+            "predictor": self.predictor,
+            "instruction": self.instruction,
+            "instructions": dict(self.instructions),
+            "score": self.score,
+            "failures": self.failures,
+            "evaluated": self.evaluated,
+            "val_score": self.val_score,
+            "program_errors": list(self.program_errors),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.summary(), "per_example": list(self.per_example), "validation": self.validation}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Candidate:
+        return cls(**{key: value for key, value in data.items() if key not in _DERIVED})
 
 
 @dataclass
 class StepRecord:
-    """What happened at one optimization step."""
+    """What happened at one optimization step (step 0: the initial instructions).
+
+    Attributes:
+        step: The step.
+        predictor: The predictor it worked on (``""`` at step 0).
+        exemplars: The training examples its meta-prompt showed.
+        meta_prompt: The meta-prompt.
+        proposals: Replies sampled.
+        new_candidates: Ids of the candidates it added.
+        best_id: The best candidate after the step.
+    """
 
     step: int
     predictor: str
@@ -80,7 +151,6 @@ class StepRecord:
     meta_prompt: str
     proposals: int
     new_candidates: list[int]
-    best_score: float
     best_id: int
 
 
@@ -125,7 +195,7 @@ class PendingStep:
 class RunState:
     """Everything needed to resume a run and to report on it."""
 
-    fingerprint: dict[str, str]
+    fingerprint: dict[str, Any]
     candidates: list[Candidate] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
     best_id: int | None = None
@@ -142,14 +212,20 @@ class RunState:
     def best(self) -> Candidate | None:
         return None if self.best_id is None else self.candidates[self.best_id]
 
+    def step_log(self, record: StepRecord) -> dict[str, Any]:
+        """A step as plain data, with the best score (0-100) after it."""
+        data = asdict(record)
+        best_id = data.pop("best_id")
+        return {**data, "best_score": self.candidates[best_id].score, "best_id": best_id}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint,
             "best_id": self.best_id,
             "counts": self.counts.as_dict(),
             "selection": self.selection,
-            "candidates": [asdict(c) for c in self.candidates],
-            "steps": [asdict(s) for s in self.steps],
+            "candidates": [c.to_json() for c in self.candidates],
+            "steps": [self.step_log(s) for s in self.steps],
             "best_traces": self.best_traces,
             "pending": None if self.pending is None else asdict(self.pending),
         }
@@ -161,8 +237,8 @@ class RunState:
             pending = data.get("pending")
             state = cls(
                 fingerprint=dict(data["fingerprint"]),
-                candidates=[Candidate(**c) for c in data["candidates"]],
-                steps=[StepRecord(**s) for s in data["steps"]],
+                candidates=[Candidate.from_json(c) for c in data["candidates"]],
+                steps=[StepRecord(**{k: v for k, v in s.items() if k != "best_score"}) for s in data["steps"]],
                 best_id=data["best_id"],
                 best_traces=data.get("best_traces", []),
                 counts=Counts.from_dict(data.get("counts", {})),
@@ -175,92 +251,6 @@ class RunState:
             raise ValueError(f"an entry is malformed ({exc})") from None
         if state.best_id is not None and not 0 <= state.best_id < len(state.candidates):
             raise ValueError(f"its best_id {state.best_id} names no candidate")
+        if any(not 0 <= s.best_id < len(state.candidates) for s in state.steps):
+            raise ValueError("a step names no candidate as its best")
         return state
-
-
-def digest(value: Any) -> str:
-    """A stable short hash of JSON-like data (unknown objects hash by their repr)."""
-    text = json.dumps(value, sort_keys=True, default=repr, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-class Checkpoint:
-    """A run history as one versioned JSON file in ``log_dir``, replaced atomically on every write.
-
-    A crash at any moment leaves either the previous complete file or the new one, never a
-    partial file. Nothing is pickled; API keys never enter the state. `load`/`save` read and
-    write the prompt optimizer's `RunState`; `read`/`write` move plain JSON data for other loops.
-
-    Args:
-        log_dir: The directory (created if needed).
-        name: The file name.
-        version: The format version written and required on reading.
-    """
-
-    def __init__(self, log_dir: str | os.PathLike, *, name: str = CHECKPOINT_NAME, version: int = FORMAT_VERSION):
-        self.dir = Path(log_dir)
-        self.path = self.dir / name
-        self.version = version
-
-    def check_writable(self) -> None:
-        """Fail early, before any LM call, if ``log_dir`` cannot be written."""
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".write-test-", delete=True)
-            probe.close()
-        except OSError as exc:
-            raise ValueError(
-                f"log_dir {str(self.dir)!r} is not writable ({exc.strerror or exc}); pass a directory you can "
-                "write to, or log_dir=None to run without a checkpoint"
-            ) from exc
-
-    def read(self) -> dict[str, Any] | None:
-        """The saved data, or ``None`` if nothing was saved yet."""
-        if not self.path.exists():
-            return None
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(
-                f"cannot read the history in {str(self.path)!r}: {exc}. Move the file away to start a new run."
-            ) from exc
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"{str(self.path)!r} is not a run history (it holds a JSON {type(data).__name__}). Move the file away "
-                "to start a new run."
-            )
-        if data.get("format_version") != self.version:
-            raise ValueError(
-                f"{str(self.path)!r} was written by an incompatible version (format "
-                f"{data.get('format_version')!r}, expected {self.version}); use a new log_dir."
-            )
-        return data
-
-    def write(self, data: dict[str, Any]) -> None:
-        """Replace the file with ``data`` (plus the format version), atomically and durably."""
-        text = json.dumps({**data, "format_version": self.version}, ensure_ascii=False, indent=1)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{self.path.stem}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def load(self) -> RunState | None:
-        data = self.read()
-        if data is None:
-            return None
-        try:
-            return RunState.from_json(data)
-        except ValueError as exc:
-            raise ValueError(
-                f"the history in {str(self.path)!r} is incomplete or damaged: {exc}. It cannot be resumed; move it "
-                "away (or use a new log_dir) to start a new run."
-            ) from None
-
-    def save(self, state: RunState) -> None:
-        self.write(state.to_json())

@@ -12,20 +12,22 @@ last, next to the request) with integer scores from 0 to 100:
   per past instruction as ``Precision: <score> <TEXT>...</TEXT>``, ending with an open
   ``<TEXT>`` for the model to complete. No exemplars.
 
-Every template is a module constant below, so the exact text sent can be read and diffed.
-`render_meta_prompt` is the single function that builds a meta-prompt; the optimizer calls
-it and so can a user, to see exactly what is sent.
+Every template is a module constant below, so the exact text sent can be read and diffed. Each
+family is one `dspy_opro.families.Family` in `FAMILIES`: its writer, its reply reader and its stop
+strings. `render_meta_prompt` builds a meta-prompt exactly as the optimizer sends it, for a user to
+see; `extract_instruction` reads a reply as the optimizer does.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-FAMILIES = ("chat", "paper", "base")
+from .families import Family, Scored, check_family, choose_shown, display_value
+
 PLACEHOLDER = "<INS>"
 
 # --- "chat": instruction-tuned optimizer models -------------------------------------------
@@ -80,11 +82,6 @@ class Exemplar:
     answer: Mapping[str, str] = field(default_factory=dict)
 
 
-def display_score(score: float) -> int:
-    """A 0-100 score as the integer shown in the meta-prompt (halves round up)."""
-    return int(math.floor(score + 0.5))
-
-
 def _fields(values: Mapping[str, str]) -> str:
     return "\n".join(f"{name}: {value}" for name, value in values.items())
 
@@ -93,66 +90,27 @@ def _problem(exemplar: Exemplar) -> str:
     return f"{PLACEHOLDER}\n{_fields(exemplar.inputs)}"
 
 
-def _ascending(instructions: Sequence[tuple[str, float]], limit: int) -> list[tuple[str, float]]:
-    # sorted() is stable: equal scores keep their order of arrival, oldest first.
-    ranked = sorted(instructions, key=lambda item: item[1])
-    return ranked[-limit:] if limit > 0 else []
+# --- writing meta-prompts -----------------------------------------------------------------
+def _write_base(shown: Sequence[Scored], *, task_description: str = "answer the question", **_: Any) -> str:
+    lines = [BASE_INTRO.format(task=task_description), ""]
+    lines += [BASE_ENTRY.format(score=display_value(s.value), text=s.solution) for s in shown]
+    best = max((display_value(s.value) for s in shown), default=0)
+    lines.append(BASE_OPEN.format(score=min(100, best + 10)))
+    return "\n".join(lines)
 
 
-def render_meta_prompt(
-    family: str,
-    instructions: Sequence[tuple[str, float]],
-    exemplars: Sequence[Exemplar] = (),
-    *,
-    max_instructions: int = 20,
-    task_description: str = "answer the question",
-) -> str:
-    """Build the meta-prompt text sent to the optimizer model.
+def _writer(intro: str, entry: str, exemplars_intro: str, exemplar: str, request: str) -> Callable[..., str]:
+    """The writer of a family that asks in words: intro, scored entries, exemplars, request."""
 
-    Args:
-        family: ``"chat"``, ``"paper"`` or ``"base"`` (see the module docstring).
-        instructions: ``(instruction, score)`` pairs with scores from 0 to 100, in any order.
-            They are sorted ascending and the best ``max_instructions`` are kept.
-        exemplars: Task problems to show (ignored by ``"base"``).
-        max_instructions: How many of the best instructions to show.
-        task_description: What the program does, used by the ``"base"`` wording.
+    def write(shown: Sequence[Scored], *, exemplars: Sequence[Exemplar] = (), **_: Any) -> str:
+        parts = [intro, "\n\n".join(entry.format(text=s.solution, score=display_value(s.value)) for s in shown)]
+        if exemplars:
+            rendered = [exemplar.format(problem=_problem(e), answer=_fields(e.answer)) for e in exemplars]
+            parts += [exemplars_intro, "\n\n".join(rendered)]
+        parts.append(request)
+        return "\n\n".join(p for p in parts if p)
 
-    Returns:
-        The meta-prompt, exactly as it is sent.
-    """
-    if family not in FAMILIES:
-        raise ValueError(f"meta_prompt must be one of {FAMILIES}, got {family!r}")
-    shown = _ascending(instructions, max_instructions)
-
-    if family == "base":
-        lines = [BASE_INTRO.format(task=task_description), ""]
-        lines += [BASE_ENTRY.format(score=display_score(s), text=t) for t, s in shown]
-        best = max((display_score(s) for _, s in shown), default=0)
-        lines.append(BASE_OPEN.format(score=min(100, best + 10)))
-        return "\n".join(lines)
-
-    if family == "chat":
-        intro, entry, ex_intro, ex_format, request = (
-            CHAT_INTRO,
-            CHAT_ENTRY,
-            CHAT_EXEMPLARS_INTRO,
-            CHAT_EXEMPLAR,
-            CHAT_REQUEST,
-        )
-    else:
-        intro, entry, ex_intro, ex_format, request = (
-            PAPER_INTRO,
-            PAPER_ENTRY,
-            PAPER_EXEMPLARS_INTRO,
-            PAPER_EXEMPLAR,
-            PAPER_REQUEST,
-        )
-    parts = [intro, "\n\n".join(entry.format(text=t, score=display_score(s)) for t, s in shown)]
-    if exemplars:
-        rendered = [ex_format.format(problem=_problem(e), answer=_fields(e.answer)) for e in exemplars]
-        parts += [ex_intro, "\n\n".join(rendered)]
-    parts.append(request)
-    return "\n\n".join(p for p in parts if p)
+    return write
 
 
 # --- reading replies -----------------------------------------------------------------------
@@ -236,32 +194,94 @@ def _from_completion(reply: str) -> str | None:
     return lines[0] if lines else None
 
 
-def extract_instruction(family: str, reply: str | None) -> str | None:
-    """Read the proposed instruction out of an optimizer reply.
+def _reader(*order: Callable[[str], str | None], fields: bool = True) -> Callable[[str | None], str | None]:
+    """A reply reader trying the formats of ``order`` in turn, after DSPy's field layout when ``fields``."""
 
-    Each family first looks for the format it asked for, then falls back to the other
-    formats, then to a reply that is a single short line. The chat and paper families first
-    read replies in DSPy's own layouts (``[[ ## proposed_instruction ## ]]`` fields, a JSON
-    object), taking the instruction field's content, never a field marker. Returns ``None``
-    when nothing usable is found.
-    """
-    if not reply or not reply.strip():
+    def read(reply: str | None) -> str | None:
+        if not reply or not reply.strip():
+            return None
+        field = _field_content(reply) if fields else None
+        if field is not None:  # read the field as the whole reply; its first paragraph if no format matches
+            reply = field
+        for reader in order:
+            found = reader(reply)
+            if found:
+                return found
+        if field:
+            return field.split("\n\n")[0].strip() or None
         return None
-    if family == "chat":
-        order = (_from_json, _from_tags, _from_brackets, _from_bare_reply)
-    elif family == "paper":
-        order = (_from_json, _from_brackets, _from_tags, _from_bare_reply)
-    elif family == "base":
-        order = (_from_tags, _from_completion)
-    else:
-        raise ValueError(f"meta_prompt must be one of {FAMILIES}, got {family!r}")
-    field = _field_content(reply) if family != "base" else None
-    if field is not None:  # read the field as the whole reply; its first paragraph if no format matches
-        reply = field
-    for reader in order:
-        found = reader(reply)
-        if found:
-            return found
-    if field:
-        return field.split("\n\n")[0].strip() or None
-    return None
+
+    return read
+
+
+# --- the families ----------------------------------------------------------------------------
+# Each family reads the format it asked for first, then the other formats, then a reply that is a single short
+# line. The chat and paper families first read DSPy's own layouts ("[[ ## proposed_instruction ## ]]" fields, a
+# JSON object), taking the instruction field's content, never a field marker.
+FAMILIES: dict[str, Family] = {
+    "chat": Family(
+        "chat",
+        write=_writer(CHAT_INTRO, CHAT_ENTRY, CHAT_EXEMPLARS_INTRO, CHAT_EXEMPLAR, CHAT_REQUEST),
+        read=_reader(_from_json, _from_tags, _from_brackets, _from_bare_reply),
+    ),
+    "paper": Family(
+        "paper",
+        write=_writer(PAPER_INTRO, PAPER_ENTRY, PAPER_EXEMPLARS_INTRO, PAPER_EXEMPLAR, PAPER_REQUEST),
+        read=_reader(_from_json, _from_brackets, _from_tags, _from_bare_reply),
+    ),
+    "base": Family(
+        "base", write=_write_base, read=_reader(_from_tags, _from_completion, fields=False), stop=(BASE_STOP,)
+    ),
+}
+"""The instruction families by name (see the module docstring)."""
+
+
+def get_family(name: str) -> Family:
+    """The instruction family called ``name``; a `ValueError` for an unknown name."""
+    return FAMILIES[check_family(name, tuple(FAMILIES))]
+
+
+def render_meta_prompt(
+    family: str,
+    instructions: Sequence[tuple[str, float]],
+    exemplars: Sequence[Exemplar] = (),
+    *,
+    max_shown: int = 20,
+    task_description: str = "answer the question",
+    **renamed: Any,
+) -> str:
+    """Build the meta-prompt text sent to the optimizer model.
+
+    Args:
+        family: ``"chat"``, ``"paper"`` or ``"base"`` (see the module docstring).
+        instructions: ``(instruction, score)`` pairs with scores from 0 to 100, in any order.
+            They are sorted ascending and the best ``max_shown`` are kept.
+        exemplars: Task problems to show (ignored by ``"base"``).
+        max_shown: How many of the best instructions to show (``max_instructions``, its former name, is
+            accepted with a `DeprecationWarning`).
+        task_description: What the program does, used by the ``"base"`` wording.
+
+    Returns:
+        The meta-prompt, exactly as it is sent.
+    """
+    from .run import take_renamed
+
+    max_shown = take_renamed(renamed, {"max_instructions": "max_shown"}, max_shown=max_shown)["max_shown"]
+    if renamed:
+        raise TypeError(f"render_meta_prompt() got an unexpected keyword argument {next(iter(renamed))!r}")
+    shown = choose_shown([Scored(text, score) for text, score in instructions], max_shown=max_shown)
+    return get_family(family).write(shown, exemplars=exemplars, task_description=task_description)
+
+
+def extract_instruction(family: str, reply: str | None) -> str | None:
+    """Read the proposed instruction out of an optimizer reply, as the family's reader does.
+
+    Returns ``None`` when nothing usable is found (see `FAMILIES` for the formats each family reads).
+    """
+    return get_family(family).read(reply)
+
+
+def __getattr__(name: str) -> Any:
+    from .run import former_name
+
+    return former_name(__name__, name, {"display_score": ("dspy_opro.families.display_value", lambda: display_value)})

@@ -1,17 +1,14 @@
-"""OPRO: Optimization by PROmpting (Yang et al., 2023) as a DSPy optimizer.
+"""OPRO: Optimization by PROmpting (Yang et al., 2023) as a DSPy optimizer: the teleprompter.
 
 An optimizer model reads a meta-prompt holding the best instructions so far with their
 scores and a few task examples, and proposes new instructions. Each step samples
 ``candidates_per_step`` proposals independently, scores the new ones on the training set
 through the task model, and adds them to the history the next meta-prompt shows.
 
-Programs with several predictors are optimized by block coordinate ascent: step ``s`` works
-on predictor ``(s - 1) % P``. That predictor gets its own meta-prompt, built from its own
-history and from the examples as it sees them (its inputs recorded from a run of the current
-best program). Each candidate changes that one predictor; the others keep their current best
-instructions, so one step costs ``candidates_per_step x len(trainset)`` metric calls whatever
-the number of predictors, and nothing already scored is ever re-scored. A candidate replaces
-the current best program only if it scores strictly higher on the training set.
+This module holds the `OPRO` class: its arguments (OPRO's own, the names COPRO, MIPROv2 and GEPA
+users bring, the ``auto`` presets) and ``compile``, which checks a call's arguments and hands the
+run to `dspy_opro.loop.InstructionRun`; the module docstring there follows a candidate from its
+proposal to its score.
 """
 
 from __future__ import annotations
@@ -20,45 +17,29 @@ import contextlib
 import copy
 import functools
 import inspect
-import json
 import logging
 import random
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import dspy
 from dspy.teleprompt import Teleprompter
-from tqdm.auto import tqdm
 
 from . import compat
-from .calls import PromptModelError, RunStoppedError, TaskFailureError, retries_of, run_jobs, without_retries
-from .candidates import DEFAULT_MAX_LENGTH, dedup_key, normalize_instruction, rejection_reason
-from .events import report_evaluations
-from .exemplars import EXEMPLAR_STRATEGIES, select_exemplars
-from .faults import TRANSIENT
-from .history import LEDGER_NAME, Candidate, Checkpoint, PendingStep, RunState, StepRecord, digest
-from .meta_prompt import BASE_STOP, FAMILIES, Exemplar, extract_instruction, render_meta_prompt
-from .models import (
-    CallCounter,
-    CallLedger,
-    lm_name,
-    meta_prompt_family,
-    optimizer_model,
-    resolve_lm,
-    sample_one,
-)
-from .preflight import CheckReport, check_models
-from .scoring import Evaluation, MetricError, Scorer, as_score
-from .screening import example_order, first_batch_size, screen
+from .candidates import DEFAULT_MAX_LENGTH
+from .exemplars import EXEMPLAR_STRATEGIES
+from .families import check_family, meta_prompt_family
+from .loop import InstructionRun, RunDeclinedError
+from .meta_prompt import FAMILIES
+from .models import optimizer_model, resolve_lm
+from .run import check_int, check_temperature, take_renamed
 
 logger = logging.getLogger(__name__)
 
-MIN_TRAINSET_SIZE = 3
-VALIDATION_SHARE = 4  # under a budget, validation takes at most 1/VALIDATION_SHARE of it
-_ALL_PREDICTORS = "*"  # the `predictor` of the initial configuration shared by all predictors
-_DETAILS = "details"  # the fingerprint's plain-data part, which only explains a refusal
+RENAMED = {"max_instructions_in_prompt": "max_shown"}
+"""OPRO's former argument names, accepted with a `DeprecationWarning` for one release."""
+
+__all__ = ["OPRO", "RENAMED", "RunDeclinedError"]
 
 
 class OPRO(Teleprompter):
@@ -90,14 +71,15 @@ class OPRO(Teleprompter):
             COPRO's ``depth``.
         candidates_per_step: Independent samples from the prompt model per step (default 8).
             COPRO's ``breadth``, MIPROv2's ``num_candidates``.
-        max_instructions_in_prompt: How many of the best instructions the meta-prompt shows.
+        max_shown: How many of the best instructions the meta-prompt shows (default 20; formerly
+            ``max_instructions_in_prompt``, still accepted with a `DeprecationWarning`).
         num_exemplars: Training examples shown in the meta-prompt (default 3). GEPA's
             ``reflection_minibatch_size``.
         exemplar_selection: ``"random"``, ``"constant"``, ``"accumulative_most_frequent"`` or
             ``"current_most_frequent"`` (see `dspy_opro.exemplars`).
         temperature: Sampling temperature of the prompt model (default 1.0). COPRO's and
             MIPROv2's ``init_temperature``.
-        meta_prompt: ``"auto"`` (the default: `dspy_opro.models.meta_prompt_family` picks
+        meta_prompt: ``"auto"`` (the default: `dspy_opro.families.meta_prompt_family` picks
             ``"base"`` for the embedded local models and text-completion LMs, ``"chat"``
             otherwise), ``"chat"`` (instruction-tuned optimizers), ``"paper"`` (the paper's
             wording) or ``"base"`` (pretrained/small models; sent as a plain text completion
@@ -134,10 +116,9 @@ class OPRO(Teleprompter):
         task_description: A short description of the task for the ``"base"`` meta-prompt;
             derived from the predictor's signature by default.
         screening: Score new candidates on a growing minibatch and stop scoring those that
-            cannot plausibly beat the best (see `dspy_opro.screening`); on by default, since it
-            reached full scoring's held-out accuracy, within the noise, with half the metric calls
-            in `benchmarks/optimizers.py`.
-            ``False`` gives the paper's full scoring of every candidate. The best program is
+            cannot plausibly beat the best (see `dspy_opro.screening`); on by default (the README's
+            Benchmarks section compares it with full scoring). ``False`` gives the paper's full scoring
+            of every candidate. The best program is
             still chosen on full training-set scores. MIPROv2's ``compile(minibatch=...)``.
         show_progress: Show a progress bar over steps.
         verbose: Log at DEBUG level during ``compile`` (every meta-prompt, every unreadable
@@ -157,7 +138,7 @@ class OPRO(Teleprompter):
         auto: str | None = None,
         num_steps: int | None = None,
         candidates_per_step: int | None = None,
-        max_instructions_in_prompt: int = 20,
+        max_shown: int = 20,
         num_exemplars: int | None = None,
         exemplar_selection: str = "random",
         temperature: float | None = None,
@@ -181,6 +162,7 @@ class OPRO(Teleprompter):
     ):
         super().__init__()
         _check_metric_argument(metric)
+        max_shown = take_renamed(dspy_args, RENAMED, max_shown=max_shown)["max_shown"]
         given = {
             "prompt_model": prompt_model,
             "num_steps": num_steps,
@@ -200,28 +182,26 @@ class OPRO(Teleprompter):
         num_exemplars, num_final_candidates = given["num_exemplars"], given["num_final_candidates"]
         temperature, prompt_model = given["temperature"], given["prompt_model"]
 
-        _check_int("num_steps", num_steps, minimum=0)
-        _check_int("candidates_per_step", candidates_per_step, minimum=1)
-        _check_int("max_instructions_in_prompt", max_instructions_in_prompt, minimum=1)
-        _check_int("num_exemplars", num_exemplars, minimum=0)
-        _check_int("num_final_candidates", num_final_candidates, minimum=1)
-        _check_int("max_instruction_length", max_instruction_length, minimum=1)
+        check_int("num_steps", num_steps, minimum=0)
+        check_int("candidates_per_step", candidates_per_step, minimum=1)
+        check_int("max_shown", max_shown, minimum=1)
+        check_int("num_exemplars", num_exemplars, minimum=0)
+        check_int("num_final_candidates", num_final_candidates, minimum=1)
+        check_int("max_instruction_length", max_instruction_length, minimum=1)
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
             logger.info("OPRO drew seed=%d (seed=None); pass it as seed= to repeat this run", seed)
-        _check_int("seed", seed, minimum=None)
+        check_int("seed", seed, minimum=None)
         for name, value in (("num_threads", num_threads), ("max_errors", max_errors)):
             if value is not None:
-                _check_int(name, value, minimum=1 if name == "num_threads" else 0)
+                check_int(name, value, minimum=1 if name == "num_threads" else 0)
         for name, value in (("max_metric_calls", max_metric_calls), ("max_full_evals", max_full_evals)):
             if value is not None:
-                _check_int(name, value, minimum=1)
+                check_int(name, value, minimum=1)
         if exemplar_selection not in EXEMPLAR_STRATEGIES:
             raise ValueError(f"exemplar_selection must be one of {EXEMPLAR_STRATEGIES}, got {exemplar_selection!r}")
-        if meta_prompt != "auto" and meta_prompt not in FAMILIES:
-            raise ValueError(f"meta_prompt must be one of {('auto', *FAMILIES)}, got {meta_prompt!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise ValueError(f"temperature must be a number in [0, 2], got {temperature!r}")
+        check_family(meta_prompt, tuple(FAMILIES), auto=True)
+        temperature = check_temperature(temperature)
         if instruction_filter is not None and not callable(instruction_filter):
             raise TypeError("instruction_filter must be a callable taking the instruction text")
 
@@ -234,10 +214,10 @@ class OPRO(Teleprompter):
         self.auto = auto
         self.num_steps = num_steps
         self.candidates_per_step = candidates_per_step
-        self.max_instructions_in_prompt = max_instructions_in_prompt
+        self.max_shown = max_shown
         self.num_exemplars = num_exemplars
         self.exemplar_selection = exemplar_selection
-        self.temperature = float(temperature)
+        self.temperature = temperature
         self.meta_prompt = meta_prompt
         self.initial_instructions = initial_instructions
         self.num_threads = num_threads
@@ -325,7 +305,7 @@ class OPRO(Teleprompter):
         valset = None if valset is None else list(valset)
         opt = self._for_run({target: value for target, (_, value) in aliases.items()}, trainset, valset)
         with _verbose_logging(opt.verbose):
-            run = _Run(opt, student, trainset, valset)
+            run = InstructionRun(opt, student, trainset, valset)
             if requires_permission_to_run:
                 run.confirm()
             run.check_models()
@@ -338,11 +318,11 @@ class OPRO(Teleprompter):
         trials = overrides.pop("max_metric_calls", None)
         for name, value in overrides.items():
             if name in _INT_OVERRIDES:
-                _check_int(name, value, minimum=_INT_OVERRIDES[name])
+                check_int(name, value, minimum=_INT_OVERRIDES[name])
             setattr(opt, name, value if name in _INT_OVERRIDES else bool(value))
         n_train, n_val = len(trainset), len(valset or [])
         if trials is not None:
-            _check_int("num_trials", trials, minimum=1)
+            check_int("num_trials", trials, minimum=1)
             fixed = [name for name in ("auto", "max_metric_calls", "max_full_evals") if getattr(self, name) is not None]
             if fixed:
                 raise ValueError(
@@ -442,823 +422,3 @@ def _verbose_logging(verbose: bool):
         package.setLevel(level)
         if handler is not None:
             package.removeHandler(handler)
-
-
-class RunDeclinedError(RuntimeError):
-    """``compile(requires_permission_to_run=True)`` was not confirmed."""
-
-
-def _check_int(name: str, value: Any, *, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-
-
-def _check_examples(name: str, examples: list) -> None:
-    if not examples:
-        raise ValueError(f"{name} has 0 examples; pass at least one (a few dozen is typical: scores are averages)")
-    for i, example in enumerate(examples):
-        if not isinstance(example, dspy.Example):
-            raise TypeError(f"{name}[{i}] is a {type(example).__name__}, not a dspy.Example")
-        if getattr(example, "_input_keys", None) is None:
-            raise ValueError(
-                f"{name}[{i}] has no input fields marked; build examples as "
-                "dspy.Example(question=..., answer=...).with_inputs('question')"
-            )
-
-
-def _describe_task(predictor) -> str:
-    signature = predictor.signature
-    inputs = ", ".join(signature.input_fields)
-    outputs = ", ".join(signature.output_fields)
-    return f"given {inputs}, produce {outputs}"
-
-
-def _differences(key: str, here: Any, saved: Any) -> str:
-    """What differs between this run and the saved one, in words, for a refused resume ("" if unknown)."""
-    if saved is None and here is not None and key != "valset":
-        return ""  # a history written before details were kept
-    if key == "settings":
-        changed = [
-            f"{name}: {here.get(name)!r} here, {saved.get(name)!r} in the file"
-            for name in sorted(set(here) | set(saved))
-            if here.get(name) != saved.get(name)
-        ]
-        return f" ({'; '.join(changed)})" if changed else ""
-    if key in ("trainset", "valset"):
-        if here is None or saved is None:
-            return f" ({'none' if here is None else len(here)} examples here, {'none' if saved is None else len(saved)} in the file)"
-        if len(here) != len(saved):
-            return f" ({len(here)} examples here, {len(saved)} in the file)"
-        first = next((j for j, (a, b) in enumerate(zip(here, saved, strict=True)) if a != b), None)
-        return "" if first is None else f" (example {first} differs)"
-    if key == "program":
-        names_here, names_saved = [p[0] for p in here], [p[0] for p in saved]
-        if names_here != names_saved:
-            return f" (predictors {names_here} here, {names_saved} in the file)"
-        for (name, inputs, outputs, instruction), (_, inputs_s, outputs_s, instruction_s) in zip(
-            here, saved, strict=True
-        ):
-            if (inputs, outputs) != (inputs_s, outputs_s):
-                fields = lambda i, o: f"{', '.join(i)} -> {', '.join(o)}"  # noqa: E731
-                return (
-                    f" (predictor {name!r}: {fields(inputs, outputs)} here, {fields(inputs_s, outputs_s)} in the file)"
-                )
-            if instruction != instruction_s:
-                return f" (predictor {name!r}: instruction {instruction!r} here, {instruction_s!r} in the file)"
-    return ""
-
-
-class _Run:
-    """One compile call: the state of the loop, kept off the optimizer so it can be reused."""
-
-    def __init__(self, opt: OPRO, student: dspy.Module, trainset: list, valset: list | None):
-        self.opt = opt
-        if not isinstance(student, dspy.Module):
-            raise TypeError(f"student must be a dspy.Module, got {type(student).__name__}")
-        self.student = student
-        self.names = [name for name, _ in student.named_predictors()]
-        if not self.names:
-            raise ValueError(
-                "the program has no predictors (dspy.Predict, dspy.ChainOfThought, ...), so it has no "
-                "instructions to optimize"
-            )
-        _check_examples("trainset", trainset)
-        if valset is not None:
-            _check_examples("valset", valset)
-        if len(trainset) < MIN_TRAINSET_SIZE:
-            logger.warning(
-                "trainset has %d example(s): every score is one of %s, so most instructions will tie; a few dozen "
-                "examples tell instructions apart",
-                len(trainset),
-                " / ".join(f"{100 * k / len(trainset):g}" for k in range(len(trainset) + 1)),
-            )
-        self.trainset, self.valset = trainset, valset
-        self.predictors = dict(student.named_predictors())
-        self.initial = self._initial_instructions()
-
-        self.task_lm = opt.task_model or dspy.settings.lm
-        self.prompt_lm = opt.prompt_model or dspy.settings.lm
-        if self.prompt_lm is None:
-            raise ValueError(
-                "no prompt model: pass OPRO(prompt_model=...) (a dspy.LM or a litellm model string) or "
-                "call dspy.configure(lm=...) first"
-            )
-        if self.task_lm is None and any(getattr(p, "lm", None) is None for p in self.predictors.values()):
-            raise ValueError(
-                "no task model: pass OPRO(task_model=...) (a dspy.LM or a litellm model string) or "
-                "call dspy.configure(lm=...) first"
-            )
-        self.metric = compat.metric_caller(opt.metric)
-        self._check_metric()
-
-        self.num_threads = opt.num_threads or dspy.settings.num_threads or 1
-        max_errors = opt.max_errors if opt.max_errors is not None else dspy.settings.max_errors
-        self.checkpoint = Checkpoint(opt.log_dir) if opt.log_dir else None
-        if self.checkpoint:
-            self.checkpoint.check_writable()
-        self.state = self._load_or_start()
-        self.counts = self.state.counts
-        self.ledger = self._open_ledger()
-        tracker = dspy.settings.usage_tracker
-        self.task_counter = CallCounter(self.counts.task, forward_to=tracker, ledger=self.ledger, role="task")
-        self.prompt_counter = CallCounter(self.counts.prompt, forward_to=tracker, ledger=self.ledger, role="prompt")
-        # OPRO retries transient failures itself, on LM copies making one request per call (dspy_opro.calls).
-        self.prompt_calls = without_retries(self.prompt_lm)
-        task_retries = retries_of(self.task_lm or next(p.lm for p in self.predictors.values() if p.lm is not None))
-        self.scorer = Scorer(
-            self.metric,
-            task_lm=without_retries(self.task_lm),
-            num_threads=self.num_threads,
-            max_errors=max_errors,
-            counts=self.counts,
-            counter=self.task_counter,
-            retries=task_retries,
-        )
-        self.budget_exhausted = False
-        self.model_check = CheckReport()
-
-    # ------------------------------------------------------------ set-up checks
-    def check_models(self) -> None:
-        """One cheap request per model before any metric call; a model that cannot work stops here.
-
-        Skipped for a finished run reloaded from ``log_dir``, which calls no model.
-        """
-        if self.state.selection is not None and self.state.completed_steps >= self.opt.num_steps:
-            return
-        models = [("prompt_model", self.prompt_lm)]
-        if any(getattr(p, "lm", None) is None for p in self.predictors.values()):
-            models.append(("task_model", self.task_lm))
-        models += [(f"predictor {name!r}", p.lm) for name, p in self.predictors.items() if getattr(p, "lm", None)]
-        counters = {role: self.prompt_counter if role == "prompt_model" else self.task_counter for role, _ in models}
-        self.model_check = check_models(models, num_threads=self.num_threads, counters=counters)
-
-    def confirm(self) -> None:
-        """Show the plan and its cost, and go on only if the user answers "y" on stdin."""
-        plan = self.plan_text()
-        try:
-            answer = input(f"{plan}\nStart the run? [y/N] ")
-        except EOFError:
-            answer = ""
-        if answer.strip().lower() not in ("y", "yes"):
-            raise RunDeclinedError(
-                "the run was not confirmed, nothing was spent; pass requires_permission_to_run=False (the default) "
-                "to run without asking"
-            )
-
-    def _initial_instructions(self) -> dict[str, list[str]]:
-        spec = self.opt.initial_instructions
-        current = {name: p.signature.instructions for name, p in self.predictors.items()}
-        if spec is None:
-            per_name: dict[str, Any] = {}
-        elif isinstance(spec, str) or (isinstance(spec, Sequence) and not isinstance(spec, Mapping)):
-            per_name = {name: spec for name in self.names}
-        elif isinstance(spec, Mapping):
-            unknown = sorted(set(spec) - set(self.names))
-            if unknown:
-                raise ValueError(
-                    f"initial_instructions names unknown predictors {unknown}; the program has {self.names}"
-                )
-            per_name = dict(spec)
-        else:
-            raise TypeError("initial_instructions must be None, a string, a list of strings, or a dict of those")
-        result = {}
-        for name in self.names:
-            given = per_name.get(name, [current[name]])
-            given = [given] if isinstance(given, str) else list(given)
-            if not given or not all(isinstance(text, str) for text in given):
-                raise ValueError(f"initial_instructions for {name!r} must be a non-empty list of strings")
-            unique = list(dict.fromkeys(given))
-            result[name] = unique
-        return result
-
-    def _check_metric(self) -> None:
-        """Call the metric once on a gold prediction: a wrong return type fails before any LM call."""
-        example = self.trainset[0]
-        labels = example.labels()
-        if not len(labels):
-            return
-        try:
-            value = self.metric(example, dspy.Prediction(**labels.toDict()))
-        except Exception as exc:  # metrics may legitimately need fields a gold label lacks
-            logger.debug("metric check on a gold prediction raised %r; checking again while scoring", exc)
-            return
-        try:
-            as_score(value)
-        except MetricError as exc:
-            raise MetricError(f"{exc} (checked on trainset[0] with its own labels as the prediction)") from None
-
-    def _fingerprint(self) -> dict[str, str]:
-        program = [
-            (name, list(p.signature.input_fields), list(p.signature.output_fields), p.signature.instructions)
-            for name, p in self.predictors.items()
-        ]
-        examples = lambda data: [(e.toDict(), sorted(e._input_keys)) for e in data]  # noqa: E731
-        opt = self.opt
-        settings = {
-            "meta_prompt": opt.meta_prompt,
-            "candidates_per_step": opt.candidates_per_step,
-            "max_instructions_in_prompt": opt.max_instructions_in_prompt,
-            "num_exemplars": opt.num_exemplars,
-            "exemplar_selection": opt.exemplar_selection,
-            "temperature": opt.temperature,
-            "seed": opt.seed,
-            "initial_instructions": self.initial,
-            "max_instruction_length": opt.max_instruction_length,
-            "task_description": opt.task_description,
-            "screening": opt.screening,
-            "prompt_model": lm_name(self.prompt_lm),
-            "task_model": lm_name(self.task_lm),
-        }
-        plain = lambda value: json.loads(json.dumps(value, default=repr))  # noqa: E731
-        return {
-            "program": digest(program),
-            "trainset": digest(examples(self.trainset)),
-            "valset": digest(None if self.valset is None else examples(self.valset)),
-            "settings": digest(settings),
-            # What the digests cover, so that a refused resume can say what differs (`_differences`).
-            _DETAILS: {
-                "program": plain(program),
-                "trainset": [digest(e) for e in examples(self.trainset)],
-                "valset": None if self.valset is None else [digest(e) for e in examples(self.valset)],
-                "settings": plain(settings),
-            },
-        }
-
-    def _load_or_start(self) -> RunState:
-        fingerprint = self._fingerprint()
-        if self.checkpoint is None:
-            return RunState(fingerprint=fingerprint)
-        state = self.checkpoint.load()
-        if state is None:
-            return RunState(fingerprint=fingerprint)
-        differing = [key for key in fingerprint if key != _DETAILS and state.fingerprint.get(key) != fingerprint[key]]
-        if differing:
-            saved = state.fingerprint.get(_DETAILS) or {}
-            parts = [
-                f"a different {key}{_differences(key, fingerprint[_DETAILS].get(key), saved.get(key))}"
-                for key in differing
-            ]
-            raise ValueError(
-                f"{str(self.checkpoint.path)!r} holds an OPRO run with {' and '.join(parts)}; refusing to resume it. "
-                f"Use a new log_dir for this run, or delete that file (and {LEDGER_NAME}) to start over."
-            )
-        logger.info(
-            "Resuming OPRO from %s: %d candidates scored, %d steps done%s",
-            self.checkpoint.path,
-            len(state.candidates),
-            state.completed_steps,
-            f", step {state.pending.step} to finish" if state.pending is not None else "",
-        )
-        return state
-
-    def _open_ledger(self) -> CallLedger | None:
-        """The call ledger in log_dir; the counts it holds (calls after the last save included) replace the saved ones."""
-        if self.checkpoint is None:
-            return None
-        ledger = CallLedger(self.checkpoint.dir / LEDGER_NAME)
-        run = digest({key: value for key, value in self.state.fingerprint.items() if key != _DETAILS})
-        totals = ledger.open(run)
-        if totals is not None:
-            self.state.counts.task = totals.get("task", self.state.counts.task)
-            self.state.counts.prompt = totals.get("prompt", self.state.counts.prompt)
-        else:  # a new ledger (or a history without one): it starts from the saved counts
-            for role, stats in (("task", self.state.counts.task), ("prompt", self.state.counts.prompt)):
-                if stats.calls:
-                    ledger.write_base(role, stats)
-        return ledger
-
-    # -------------------------------------------------------------- the loop
-    def execute(self) -> dspy.Module:
-        self._log_plan()
-        bar = None
-        try:
-            if not self.state.steps:
-                self._score_initial()
-            first_step = self.state.completed_steps + 1
-            bar = tqdm(
-                total=self.opt.num_steps,
-                initial=min(first_step - 1, self.opt.num_steps),
-                desc="OPRO",
-                unit="step",
-                disable=not self.opt.show_progress,
-            )
-            bar.set_postfix(best=f"{self.state.best.score:.1f}")
-            for step in range(first_step, self.opt.num_steps + 1):
-                started = self._pending(step) is not None  # its budget was settled when it started
-                if not started and self._loop_budget() < len(self.trainset):
-                    self._stop_for_budget(step)
-                    break
-                self._step(step)
-                bar.update(1)
-                bar.set_postfix(best=f"{self.state.best.score:.1f}")
-                if self.budget_exhausted:
-                    break
-            chosen = self._select()
-            self._save()
-        finally:
-            if bar is not None:
-                bar.close()
-            if self.ledger is not None:
-                self.ledger.close()
-        return self._result(chosen)
-
-    def _pending(self, step: int) -> PendingStep | None:
-        """The saved state of ``step`` if a stopped run left it unfinished."""
-        pending = self.state.pending
-        return pending if pending is not None and pending.step == step else None
-
-    def _stopped(self, error: RunStoppedError) -> None:
-        """Save everything measured before ``error`` stopped the run, and say where it is."""
-        self._save()
-        if self.checkpoint is not None:
-            error.saved_to = str(self.checkpoint.path)
-        else:
-            error.unsaved = True
-        logger.error("OPRO stopped: %s", error)
-
-    def _log_plan(self) -> None:
-        logger.info("%s", self.plan_text())
-
-    def plan_text(self) -> str:
-        """The run's plan and its cost in calls: what ``requires_permission_to_run`` shows and the log states."""
-        n_train, opt = len(self.trainset), self.opt
-        initial = sum(len(v) for v in self.initial.values()) - (len(self.names) - 1)
-        per_step = opt.candidates_per_step * n_train
-        validation = min(self.num_finalists, 1 + opt.num_steps * opt.candidates_per_step) * len(self.valset or [])
-        total = initial * n_train + opt.num_steps * per_step + validation
-        if opt.max_metric_calls:
-            total = min(total, opt.max_metric_calls)
-        models = [self.prompt_lm, self.task_lm, *(getattr(p, "lm", None) for p in self.predictors.values())]
-        checks = len({id(lm) for lm in models if lm is not None})
-        return (
-            f"OPRO plan: {len(self.names)} predictor(s), {n_train} training and {len(self.valset or [])} validation "
-            f"examples, {self.num_threads} threads, {opt.meta_prompt!r} meta-prompt. Initial instructions: {initial} x "
-            f"{n_train} = {initial * n_train} metric calls. Each step: {opt.candidates_per_step} prompt-model calls, "
-            f"then up to {opt.candidates_per_step} new candidates x {n_train} examples = {per_step} metric calls. "
-            f"{opt.num_steps} steps: at most {total} metric calls in total"
-            f"{f' (max_metric_calls={opt.max_metric_calls})' if opt.max_metric_calls else ''}"
-            f"{', usually far fewer: screening stops scoring hopeless candidates early' if opt.screening else ''}. "
-            f"Cost: at most {opt.num_steps * opt.candidates_per_step} prompt-model calls and about "
-            f"{total * len(self.names)} task-model calls ({len(self.names)} per metric call), plus at most {checks} "
-            "set-up check call(s)."
-        )
-
-    @property
-    def num_finalists(self) -> int:
-        """Candidates validated at the end: ``num_final_candidates``, within a quarter of the budget."""
-        if self.valset is None or self.opt.max_metric_calls is None:
-            return self.opt.num_final_candidates
-        affordable = self.opt.max_metric_calls // VALIDATION_SHARE // len(self.valset)
-        return max(1, min(self.opt.num_final_candidates, affordable))
-
-    def _validation_reserve(self) -> int:
-        return 0 if self.valset is None else self.num_finalists * len(self.valset)
-
-    def _loop_budget(self) -> float:
-        """Metric calls still available to the optimization loop."""
-        if self.opt.max_metric_calls is None:
-            return float("inf")
-        return self.opt.max_metric_calls - self._validation_reserve() - self.counts.metric_calls
-
-    def _stop_for_budget(self, step: int) -> None:
-        self.budget_exhausted = True
-        logger.info(
-            "Stopping before step %d: max_metric_calls=%d leaves too little for another candidate "
-            "(%d metric calls spent, %d kept for validation).",
-            step,
-            self.opt.max_metric_calls,
-            self.counts.metric_calls,
-            self._validation_reserve(),
-        )
-
-    def _program(self, instructions: Mapping[str, str]) -> dspy.Module:
-        program = self.student.deepcopy()
-        for name, predictor in program.named_predictors():
-            predictor.signature = predictor.signature.with_instructions(instructions[name])
-        return program
-
-    def _scoring_program(self, instructions: Mapping[str, str]) -> dspy.Module:
-        """The program to score: predictors with their own LM get a copy making one request per call."""
-        program = self._program(instructions)
-        for predictor in program.predictors():
-            if predictor.lm is not None:
-                predictor.lm = without_retries(predictor.lm)
-        return program
-
-    def _score(
-        self,
-        configs: list[dict[str, str]],
-        *,
-        screened: bool = False,
-        max_calls: int | None = None,
-        known: list[Evaluation | None] | None = None,
-    ) -> list[Evaluation]:
-        programs = [self._scoring_program(config) for config in configs]
-        if not screened:
-            return self._report(
-                programs,
-                self.trainset,
-                self.scorer.evaluate(programs, self.trainset, capture_traces=True, known=known),
-            )
-        evaluations = screen(
-            self.scorer,
-            programs,
-            self.trainset,
-            threshold=self.state.best.score / 100,
-            order=example_order(len(self.trainset), self.opt.seed),
-            max_calls=max_calls,
-            known=known,
-        )
-        return self._report(programs, self.trainset, evaluations)
-
-    def _report(
-        self, programs: list[dspy.Module], examples: list, evaluations: list[Evaluation], *, validation: bool = False
-    ) -> list[Evaluation]:
-        """Fire DSPy's evaluate callbacks for a finished scoring pass (see `dspy_opro.events`)."""
-        report_evaluations(
-            programs, examples, evaluations, metric=self.opt.metric, num_threads=self.num_threads, validation=validation
-        )
-        return evaluations
-
-    def _score_pending(self, pending: PendingStep, *, screened: bool) -> list[Evaluation]:
-        """Score the step's candidates, starting from what a stopped run measured; on a stop, save and raise."""
-        known = None
-        if pending.evaluations is not None:
-            known = [None if e is None else Evaluation.from_json(e) for e in pending.evaluations]
-        configs = [config for _, config in pending.configs]
-        try:
-            return self._score(configs, screened=screened, max_calls=pending.budget, known=known)
-        except TaskFailureError as exc:
-            pending.evaluations = [e.to_json() for e in exc.partial]
-            self._stopped(exc)
-            raise
-
-    def _add(self, step: int, predictor: str, config: dict[str, str], evaluation: Evaluation) -> Candidate:
-        assert not evaluation.failed, "a step ends only when every failed example was run again"
-        candidate = Candidate(
-            id=len(self.state.candidates),
-            step=step,
-            predictor=predictor,
-            instruction=config[predictor] if predictor in config else config[self.names[0]],
-            instructions=dict(config),
-            score=evaluation.score,
-            per_example=[None if s is None else round(s, 6) for s in evaluation.scores],
-            failures=evaluation.failures,
-            evaluated=evaluation.evaluated,
-            program_errors=sorted(evaluation.program_errors),
-        )
-        self.state.candidates.append(candidate)
-        best = self.state.best
-        if self._usable(candidate) and (best is None or candidate.score > best.score):
-            self.state.best_id = candidate.id
-            self.state.best_traces = evaluation.traces or []
-        if candidate.program_errors:
-            logger.warning(
-                "Candidate %d is left out: the program or the metric raised on %d example(s); first: %s",
-                candidate.id,
-                len(candidate.program_errors),
-                evaluation.first_error,
-            )
-        return candidate
-
-    def _usable(self, candidate: Candidate) -> bool:
-        """Scored on the whole training set with no failure: it may be the best, a finalist, the result."""
-        return candidate.complete and candidate.evaluated == len(self.trainset)
-
-    def _score_initial(self) -> None:
-        pending = self._pending(0)
-        if pending is None:
-            base = {name: texts[0] for name, texts in self.initial.items()}
-            configs = [(self.names[0] if len(self.names) == 1 else _ALL_PREDICTORS, base)]
-            for name, texts in self.initial.items():
-                configs += [(name, {**base, name: text}) for text in texts[1:]]
-            need = len(configs) * len(self.trainset)
-            if self._loop_budget() < need:
-                raise ValueError(
-                    f"max_metric_calls={self.opt.max_metric_calls} cannot cover scoring the {len(configs)} initial "
-                    f"instruction(s) on {len(self.trainset)} examples ({need} calls) plus validation "
-                    f"({self._validation_reserve()} calls); raise it or use fewer examples"
-                )
-            pending = PendingStep(0, "", [], "", configs=configs)
-            self.state.pending = pending
-        evaluations = self._score_pending(pending, screened=False)
-        if not any(e.complete for e in evaluations):
-            # Nothing to start from: keep the step pending (a rerun after a fix re-scores what failed).
-            pending.evaluations = [e.to_json() for e in evaluations]
-            first = next(e.first_error for e in evaluations if e.first_error)
-            error = TaskFailureError(
-                f"None of the {len(evaluations)} initial instruction(s) could be scored on every training example: "
-                f"the program or the metric raised (first: {first}). A failed example is never counted as a "
-                "score; make the program and the metric handle every example (return 0 for an answer the metric "
-                "cannot read), then run again.",
-                kind="program",
-                last_error=first,
-            )
-            self._stopped(error)
-            raise error
-        for (predictor, config), evaluation in zip(pending.configs, evaluations, strict=True):
-            self._add(0, predictor, config, evaluation)
-        best = self.state.best
-        self.state.steps.append(
-            StepRecord(0, "", [], "", 0, [c.id for c in self.state.candidates], best.score, best.id)
-        )
-        self.state.pending = None
-        self._save()
-        logger.info("Initial instructions scored; best %.1f: %r", best.score, best.instruction)
-
-    def _history_of(self, name: str, *, all_of_them: bool = False) -> list[Candidate]:
-        """The candidates of predictor ``name``; only the complete ones (those the meta-prompt shows) by default."""
-        return [
-            c for c in self.state.candidates if c.predictor in (name, _ALL_PREDICTORS) and (all_of_them or c.complete)
-        ]
-
-    def _exemplars(self, step: int, index: int, name: str, history: list[Candidate]) -> list[int]:
-        def wrong(candidates):
-            counter: Counter = Counter()
-            for candidate in candidates:
-                counter.update(j for j, s in enumerate(candidate.per_example) if s is not None and s < 1.0)
-            return counter
-
-        shown = sorted(history, key=lambda c: c.score)[-self.opt.max_instructions_in_prompt :]
-        return select_exemplars(
-            self.opt.exemplar_selection,
-            n_examples=len(self.trainset),
-            k=self.opt.num_exemplars,
-            seed=self.opt.seed,
-            step=step,
-            wrong_ever=wrong(history),
-            wrong_current=wrong(shown),
-            salt=str(index) if len(self.names) > 1 else "",
-        )
-
-    def _exemplar(self, j: int, name: str) -> Exemplar:
-        example = self.trainset[j]
-        traced = self.state.best_traces[j].get(name) if j < len(self.state.best_traces) else None
-        inputs = traced or {k: str(v) for k, v in example.inputs().items()}
-        answer = {k: str(v) for k, v in example.labels().items()}
-        return Exemplar(inputs=inputs, answer=answer)
-
-    def meta_prompt_for(self, step: int, index: int) -> tuple[str, list[int]]:
-        """The meta-prompt of ``step`` for predictor ``index``, and the exemplar indices it shows."""
-        name = self.names[index]
-        history = self._history_of(name)
-        chosen = self._exemplars(step, index, name, history)
-        task = self.opt.task_description or _describe_task(self.predictors[name])
-        text = render_meta_prompt(
-            self.opt.meta_prompt,
-            [(c.instructions[name], c.score) for c in history],
-            [self._exemplar(j, name) for j in chosen],
-            max_instructions=self.opt.max_instructions_in_prompt,
-            task_description=task,
-        )
-        return text, chosen
-
-    def _propose(self, step: int, index: int, replies: list[str]) -> list[str]:
-        name = self.names[index]
-        seen = {dedup_key(c.instructions[name]) for c in self._history_of(name, all_of_them=True)}
-        accepted = []
-        for reply in replies:
-            self.counts.proposals += 1
-            extracted = extract_instruction(self.opt.meta_prompt, reply)
-            if extracted is None:
-                self.counts.unparsed += 1
-                logger.debug("No instruction found in reply at step %d: %r", step, reply[:200])
-                continue
-            text = normalize_instruction(extracted)
-            reason = rejection_reason(
-                text, max_length=self.opt.max_instruction_length, extra_filter=self.opt.instruction_filter
-            )
-            if reason is not None:
-                self.counts.rejected[reason] = self.counts.rejected.get(reason, 0) + 1
-                continue
-            key = dedup_key(text)
-            if key in seen:
-                self.counts.duplicates += 1
-                continue
-            seen.add(key)
-            accepted.append(text)
-        return accepted
-
-    def _sample(self, pending: PendingStep, index: int) -> None:
-        """Fill in the step's missing replies: transient failures are asked again while some calls succeed.
-
-        Stops with `PromptModelError`, after saving, at a fatal error or when a whole round fails.
-        """
-        stop = [BASE_STOP] if self.opt.meta_prompt == "base" else None
-        key = (self.opt.seed, pending.step, index)
-        while True:
-            missing = [i for i, reply in enumerate(pending.replies) if reply is None]
-            if not missing:
-                return
-            final: dict[str, Any] = {}
-
-            def record(k, outcome, missing=missing, final=final) -> bool:
-                if outcome.ok:
-                    pending.replies[missing[k]] = outcome.value
-                    return False
-                logger.warning("Prompt model call failed at step %d: %s", pending.step, outcome.describe())
-                if outcome.kind != TRANSIENT:  # retrying cannot fix it
-                    final.setdefault("outcome", outcome)
-                return bool(final)
-
-            jobs = [
-                functools.partial(
-                    sample_one,
-                    self.prompt_calls,
-                    pending.meta_prompt,
-                    i,
-                    temperature=self.opt.temperature,
-                    key=key,
-                    counter=self.prompt_counter,
-                    stop=stop,
-                )
-                for i in missing
-            ]
-            outcomes = run_jobs(
-                jobs,
-                num_threads=self.num_threads,
-                retries=retries_of(self.prompt_lm),
-                on_outcome=record,
-                lms=[self.prompt_calls],
-                on_retry=self.prompt_counter.on_retry,
-                name="opro-sample",
-            )
-            failures = [o for o in outcomes if o is not None and not o.ok]
-            ran = sum(o is not None for o in outcomes)
-            if final or (failures and len(failures) == ran):
-                last = final.get("outcome") or failures[-1]
-                model = lm_name(self.prompt_lm)
-                why = (
-                    "failed with an error that retrying cannot fix"
-                    if final
-                    else f"is unavailable: all {ran} calls of the last round failed"
-                    + (f", each after {retries_of(self.prompt_lm)} retries" if retries_of(self.prompt_lm) else "")
-                )
-                error = PromptModelError(
-                    f"The prompt model {model!r} {why} (step {pending.step}, {len(missing) - ran + len(failures)} of "
-                    f"{len(pending.replies)} samples without a reply). Last error: {last.describe()}.",
-                    model=model,
-                    kind=last.kind,
-                    last_error=last.describe(),
-                )
-                self._stopped(error)
-                raise error
-
-    def _step(self, step: int) -> None:
-        """Run one step (or finish the one a stopped run left); the step is saved only once it is complete."""
-        index = (step - 1) % len(self.names)
-        name = self.names[index]
-        pending = self._pending(step)
-        if pending is None:
-            text, chosen = self.meta_prompt_for(step, index)
-            logger.debug("Meta-prompt at step %d for %s:\n%s", step, name, text)
-            pending = PendingStep(step, name, chosen, text, replies=[None] * self.opt.candidates_per_step)
-            self.state.pending = pending
-        self._sample(pending, index)
-        if pending.configs is None:
-            proposals = self._propose(step, index, pending.replies)
-            budget = self._loop_budget()
-            # A screened candidate may cost only the first minibatch; `screen` then keeps within the budget.
-            cost = first_batch_size(len(self.trainset)) if self.opt.screening else len(self.trainset)
-            affordable = len(proposals) if budget == float("inf") else int(budget // cost)
-            if affordable < len(proposals):
-                proposals = proposals[:affordable]
-                pending.final = True
-                logger.info(
-                    "max_metric_calls reached: scoring %d candidate(s) at step %d, then stopping", affordable, step
-                )
-            base = self.state.best.instructions
-            pending.configs = [(name, {**base, name: proposal}) for proposal in proposals]
-            pending.budget = None if budget == float("inf") else int(budget)
-        evaluations = self._score_pending(pending, screened=self.opt.screening) if pending.configs else []
-        new = [
-            self._add(step, name, config, evaluation)
-            for (_, config), evaluation in zip(pending.configs, evaluations, strict=True)
-        ]
-        best = self.state.best
-        self.state.steps.append(
-            StepRecord(
-                step,
-                name,
-                pending.exemplars,
-                pending.meta_prompt,
-                len(pending.replies),
-                [c.id for c in new],
-                best.score,
-                best.id,
-            )
-        )
-        self.state.pending = None
-        self.budget_exhausted = self.budget_exhausted or pending.final
-        self._save()
-        logger.info(
-            "Step %d (%s): %d new candidate(s)%s; best %.1f",
-            step,
-            name,
-            len(new),
-            f" scoring {', '.join(f'{c.score:.1f}' for c in new)}" if new else "",
-            best.score,
-        )
-
-    # --------------------------------------------------------- final choice
-    def _select(self) -> Candidate:
-        candidates = self.state.candidates
-        if self.valset is None:
-            self.state.selection = {"on": "trainset", "chosen": self.state.best_id}
-            return self.state.best
-        ranked, seen = [], set()
-        for candidate in sorted(filter(self._usable, candidates), key=lambda c: (-c.score, c.id)):
-            key = tuple(sorted(candidate.instructions.items()))
-            if key not in seen:
-                seen.add(key)
-                ranked.append(candidate)
-        finalists = ranked[: self.num_finalists]
-        # The best starting configuration is always validated when there are two or more places: the result
-        # is then never a program that does worse on validation than the one the run started from.
-        start = next((c for c in ranked if c.step == 0), None)
-        if start is not None and start not in finalists and len(finalists) >= 2:
-            finalists = finalists[:-1] + [start]
-        ids = [c.id for c in finalists]
-        plan = self.state.selection or {}
-        if plan.get("finalists") == ids and "validating" in plan:
-            todo = [candidates[i] for i in plan["validating"]]  # a stopped validation: same plan, same budget
-        else:
-            todo = [c for c in finalists if not (c.validation or {}).get("done")]
-            if self.opt.max_metric_calls is not None:
-                room = (self.opt.max_metric_calls - self.counts.metric_calls) // len(self.valset)
-                skipped = todo[max(room, 0) :]
-                todo = todo[: max(room, 0)]
-                if skipped:
-                    logger.warning("max_metric_calls leaves no room to validate %d finalist(s)", len(skipped))
-            self.state.selection = {"on": "valset", "finalists": ids, "validating": [c.id for c in todo]}
-        if todo:
-            self._validate(todo)
-        validated = [c for c in finalists if c.val_score is not None]
-        chosen = max(validated, key=lambda c: (c.val_score, c.score, -c.id)) if validated else self.state.best
-        self.state.selection = {"on": "valset", "finalists": ids, "chosen": chosen.id}
-        logger.info(
-            "Chose candidate %d: train %.1f, validation %s",
-            chosen.id,
-            chosen.score,
-            "n/a" if chosen.val_score is None else f"{chosen.val_score:.1f}",
-        )
-        return chosen
-
-    def _validate(self, todo: list[Candidate]) -> None:
-        """Score ``todo`` on the valset; ``val_score`` only for those scored on every example."""
-        programs = [self._scoring_program(c.instructions) for c in todo]
-        known = [None if c.validation is None else Evaluation.from_json(c.validation) for c in todo]
-        try:
-            evaluations = self._report(
-                programs, self.valset, self.scorer.evaluate(programs, self.valset, known=known), validation=True
-            )
-        except TaskFailureError as exc:
-            for candidate, evaluation in zip(todo, exc.partial, strict=True):
-                candidate.validation = evaluation.to_json()
-            self._stopped(exc)
-            raise
-        for candidate, evaluation in zip(todo, evaluations, strict=True):
-            candidate.validation = {**evaluation.to_json(), "done": True}
-            candidate.val_score = evaluation.score if evaluation.complete else None
-            if not evaluation.complete:
-                logger.warning(
-                    "Finalist %d is left out: the program or the metric raised on %d validation example(s); first: %s",
-                    candidate.id,
-                    len(evaluation.program_errors),
-                    evaluation.first_error,
-                )
-
-    def _save(self) -> None:
-        if self.checkpoint is not None:
-            self.checkpoint.save(self.state)
-
-    def _result(self, chosen: Candidate) -> dspy.Module:
-        program = self._program(chosen.instructions)
-        if not self.opt.track_stats:
-            return program
-        others = sorted(
-            (c for c in self.state.candidates if c.id != chosen.id),
-            key=lambda c: (c.val_score if c.val_score is not None else -1.0, c.score),
-            reverse=True,
-        )
-        # Each entry also carries its program, as COPRO's and MIPROv2's do (a list of dicts, so the programs
-        # never become predictors of the returned program).
-        program.candidate_programs = [
-            {**c.summary(), "program": self._program(c.instructions)} for c in [chosen, *others]
-        ]
-        program.trial_logs = [asdict(s) for s in self.state.steps]
-        program.trajectory = [
-            {
-                "step": s.step,
-                "predictor": s.predictor,
-                "best_score": s.best_score,
-                "candidate_scores": [self.state.candidates[i].score for i in s.new_candidates],
-            }
-            for s in self.state.steps
-        ]
-        program.call_counts = {**self.counts.as_dict(), "preflight": self.model_check.as_dict()}
-        program.total_calls = self.counts.metric_calls  # COPRO's and MIPROv2's name for the metric calls spent
-        program.score = chosen.val_score if chosen.val_score is not None else chosen.score
-        return program

@@ -6,8 +6,9 @@ Each function draws on an ``Axes`` the caller made, so scripts can lay panels ou
     draw_trajectory(ax, optimized.trajectory)      # the compiled program's per-step record (track_stats=True)
     save_figure(fig, "runs/trajectory.png")
 
-matplotlib is not a dependency of the package (it comes with the ``examples`` extra); it is imported by
-the caller, never here.
+`save_figure` writes a figure; `plot_trajectory` draws and writes the trajectory alone (the demo job's
+plot). matplotlib is not a dependency of the package (it comes with the ``examples`` extra); it is
+imported only inside the functions that make or write a figure.
 """
 
 from __future__ import annotations
@@ -110,3 +111,16 @@ def save_figure(fig: Any, path: str | Path, *, title: str | None = None) -> Path
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_trajectory(trajectory: Sequence[Mapping[str, Any]], path: str | Path, *, title: str) -> Path:
+    """Write a PNG of the training score per step (`draw_trajectory`) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    draw_trajectory(ax, trajectory)
+    ax.set_title(title)
+    return save_figure(fig, path)

@@ -33,8 +33,10 @@ from typing import Any
 
 import dspy
 
+from .counting import CallCounter
 from .faults import FATAL, PROGRAM, TRANSIENT, classify, describe
-from .models import CallCounter, is_local_model, lm_name
+from .local.names import serves_generator
+from .models import lm_name
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +88,8 @@ def is_checkable(lm: Any) -> bool:
     than a Python generator served as ``local/<name>`` (user code that may answer its own task only)."""
     if not isinstance(lm, dspy.LM):
         return False
-    if is_local_model(lm):
-        from .local import is_generator
-
-        if is_generator(lm.model.split("/", 1)[1]):
-            return False
+    if serves_generator(lm):
+        return False
     engine = lm.engine
     if isinstance(engine, str):
         return True

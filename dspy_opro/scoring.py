@@ -8,17 +8,21 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 
 from .calls import Backoff, JobError, Outcome, TaskFailureError, model_name, run_jobs
+from .counting import CallCounter
 from .faults import FATAL, OUTPUT, PROGRAM, classify
-from .models import CallCounter, Counts, lm_name
+from .models import lm_name
+
+if TYPE_CHECKING:
+    from .history import Counts
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "MetricError", "Scorer", "TaskFailureError", "as_score"]
+__all__ = ["Evaluation", "MetricError", "Scorer", "TaskFailureError", "as_score", "percent_of"]
 
 
 class MetricError(TypeError):
@@ -40,6 +44,13 @@ def as_score(value) -> float:
         f"the metric returned {value!r} ({type(value).__name__}); it must return a bool, a number "
         "(1.0 = correct), or a dspy.Prediction with a `score`"
     )
+
+
+def percent_of(scores: Sequence[float | None]) -> float:
+    """The score of a program, 0-100 (DSPy's convention, and the one scale of every score in OPRO): the mean
+    metric value over the examples that have one (``None``: not scored), x 100; 0 when none has."""
+    done = [s for s in scores if s is not None]
+    return 100.0 * sum(done) / len(done) if done else 0.0
 
 
 @dataclass
@@ -86,9 +97,8 @@ class Evaluation:
 
     @property
     def score(self) -> float:
-        """Mean metric value over the scored examples, as a percentage (0-100), DSPy's convention."""
-        done = [s for s in self.scores if s is not None]
-        return 100.0 * sum(done) / len(done) if done else 0.0
+        """Mean metric value over the scored examples, as a percentage (0-100): `percent_of` the scores."""
+        return percent_of(self.scores)
 
     def subset(self, indices: Sequence[int]) -> Evaluation:
         """The results on ``indices`` (in that order) as an evaluation of those examples."""

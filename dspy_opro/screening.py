@@ -17,6 +17,7 @@ A round is decided only once every example of it has a score: `Scorer.evaluate` 
 examples again before it returns, and a candidate's failures add up over its rounds against
 ``max_errors``. A run that stopped replays the rounds from what it had measured, so it takes
 the same decisions and runs only the examples that have no score.
+`affordable` says how many new candidates a budget can start, screened or not.
 `dspy_opro.OPRO` screens by default; ``screening=False`` scores as the reference does.
 """
 
@@ -60,6 +61,18 @@ def first_batch_size(n_examples: int) -> int:
     return max(MIN_FIRST_BATCH, math.ceil(n_examples / 8))
 
 
+def affordable(candidates: int, n_examples: int, budget: float, *, screened: bool) -> int:
+    """How many of ``candidates`` new candidates ``budget`` metric calls can start.
+
+    A screened candidate may cost only its first minibatch (`screen` then keeps within the budget);
+    a candidate scored in full costs the whole set.
+    """
+    if budget == math.inf:
+        return candidates
+    cost = first_batch_size(n_examples) if screened else n_examples
+    return max(0, min(candidates, int(budget // cost)))
+
+
 def example_order(n_examples: int, seed: int) -> list[int]:
     """The fixed order in which screening visits the training set."""
     order = list(range(n_examples))
@@ -85,7 +98,7 @@ def screen(
         scorer: Runs programs on examples.
         programs: The new candidates.
         examples: The training set.
-        threshold: The score to beat, as a mean metric value in [0, 1].
+        threshold: The score to beat, 0-100 (as `dspy_opro.scoring.Evaluation.score`).
         order: A permutation of the example indices.
         z: Width of the confidence bound in standard errors; larger drops fewer candidates.
         first_batch: Size of the first round; `first_batch_size` by default.
@@ -134,7 +147,8 @@ def screen(
             results[i].update(evaluation, chunk)
         start = end
         if end < n:
-            alive = [i for i in alive if wilson_upper(results[i].score / 100, end, z) >= threshold]
+            # The bound is on the success rate, a fraction: scores are percentages.
+            alive = [i for i in alive if wilson_upper(results[i].score / 100, end, z) >= threshold / 100]
         if not alive:
             break
     return results

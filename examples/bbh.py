@@ -26,10 +26,10 @@ and, with ``--log-dir``, keeps OPRO's history there: the same command resumes an
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import _common as common
 
+from dspy_opro.study import Study
 from dspy_opro.tasks import BBH_TASKS, bbh_metric, load_bbh, split_examples
 
 INITIAL_INSTRUCTION = common.EMPTY_INSTRUCTION  # the paper's starting point on BBH
@@ -40,72 +40,28 @@ PAPER = (
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> Study:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", required=True, choices=BBH_TASKS, metavar="NAME", help="a BBH task, e.g. navigate")
-    parser.add_argument("--program", choices=sorted(common.PROGRAMS), default="cot", help="ChainOfThought or Predict")
-    parser.add_argument("--data-dir", default=None, help="folder with the BBH release files <task>.json (offline)")
-    parser.add_argument(
-        "--train", type=common.size, default=20, help="training examples, count or fraction (paper: 0.2)"
+    paper = {"train": "paper: 0.2", "val": "0: none", "test": "paper: 0.8"}
+    common.add_study_arguments(
+        parser, data="the BBH release files <task>.json", paper=paper, initial=("", "the empty instruction"), out=None
     )
-    parser.add_argument("--val", type=common.size, default=20, help="validation examples, count or fraction (0: none)")
-    parser.add_argument("--test", type=common.size, default=60, help="test examples, count or fraction (paper: 0.8)")
-    parser.add_argument("--steps", type=int, default=3, help="OPRO steps (paper: 200)")
-    parser.add_argument("--candidates", type=int, default=8, help="proposals per step (paper: 8)")
-    parser.add_argument("--budget", type=int, default=None, help="most metric calls OPRO may spend (validation too)")
-    parser.add_argument("--log-dir", default=None, help="keep OPRO's history here; rerunning resumes it")
-    parser.add_argument("--out", type=Path, default=None, help="plot path (PNG; default runs/bbh_<task>.png)")
-    common.add_initial_argument(parser, "", "the empty instruction")
-    common.add_model_arguments(parser)
     args = parser.parse_args(argv)
-    args.out = args.out or Path(f"runs/bbh_{args.task}.png")
-    return args
-
-
-def main(argv: list[str] | None = None) -> common.Study:
-    args = parse_args(argv)
+    args.out = args.out or f"runs/bbh_{args.task}.png"
     common.configure_logging(args.verbose)
 
-    def load():
-        examples = load_bbh(args.task, data_dir=args.data_dir)
-        return examples, split_examples(examples, [args.train, args.val, args.test], seed=args.seed)
-
-    examples, (train, val, test) = common.exit_on_error(load)
-    models = common.load_models(args, max_tokens=common.LOCAL_MAX_TOKENS[args.program])
-    print(
-        f"BBH {args.task} ({examples[0].kind} answers, {len(examples)} examples): {len(train)} train / {len(val)} val / "
-        f"{len(test)} test, seed {args.seed}; program {common.PROGRAM_NAMES[args.program]}; task model "
-        f"{args.task_model}; prompt model {args.prompt_model} ({models.family} meta-prompt)",
-        flush=True,
-    )
-
-    initial = common.initial_instructions(args.initial)
-    student = common.make_program(args.program, initial[0])
-    optimizer = common.make_opro(
-        args,
-        models,
-        bbh_metric,
-        initial,
-        task_description=f"{args.task.replace('_', ' ')} (BIG-Bench Hard)",
-    )
-    title = (
-        f"BBH {args.task}, {common.PROGRAM_NAMES[args.program]} on {args.task_model}, OPRO with {args.prompt_model}: "
-        f"{len(train)}/{len(val)}/{len(test)} train/val/test, {args.steps} steps x {args.candidates} proposals"
-    )
+    examples = common.exit_on_error(lambda: load_bbh(args.task, data_dir=args.data_dir))
+    data = common.exit_on_error(lambda: split_examples(examples, [args.train, args.val, args.test], seed=args.seed))
     return common.run_study(
-        optimizer,
-        student,
-        train=train,
-        val=val,
-        test=test,
+        args,
+        data,
+        task=f"BBH {args.task}",
+        about=f"{examples[0].kind} answers, {len(examples)} examples",
         metric=bbh_metric,
-        baselines=common.label_baselines(BASELINES, initial),
-        make=lambda instruction: common.make_program(args.program, instruction),
-        models=models,
-        threads=args.threads,
-        title=title,
+        baselines=BASELINES,
         paper=PAPER,
-        out=args.out,
+        task_description=f"{args.task.replace('_', ' ')} (BIG-Bench Hard)",
     )
 
 

@@ -23,10 +23,10 @@ run.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import _common as common
 
+from dspy_opro.study import Study
 from dspy_opro.tasks import gsm8k_metric, load_gsm8k, split_examples
 
 INITIAL_INSTRUCTION = "Let's solve the problem."  # the paper's starting point on GSM8K
@@ -43,72 +43,33 @@ def has_no_digits(instruction: str) -> bool:
     return not any(character.isdigit() for character in instruction)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> Study:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--program", choices=sorted(common.PROGRAMS), default="cot", help="ChainOfThought or Predict")
-    parser.add_argument("--data-dir", default=None, help="folder with GSM8K's train.jsonl and test.jsonl (offline)")
-    parser.add_argument(
-        "--train", type=common.size, default=20, help="training questions, count or fraction of train (paper: 261)"
+    paper = {"train": "paper: 261 from train", "val": "from train; 0: none", "test": "from test"}
+    common.add_study_arguments(
+        parser,
+        data="GSM8K's train.jsonl and test.jsonl",
+        paper=paper,
+        initial=(INITIAL_INSTRUCTION, f'"{INITIAL_INSTRUCTION}"'),
+        out="runs/gsm8k.png",
     )
-    parser.add_argument("--val", type=common.size, default=20, help="validation questions from train (0: none)")
-    parser.add_argument("--test", type=common.size, default=60, help="test questions, count or fraction of test")
-    parser.add_argument("--steps", type=int, default=3, help="OPRO steps (paper: 200)")
-    parser.add_argument("--candidates", type=int, default=8, help="proposals per step (paper: 8)")
-    parser.add_argument("--budget", type=int, default=None, help="most metric calls OPRO may spend (validation too)")
-    parser.add_argument("--log-dir", default=None, help="keep OPRO's history here; rerunning resumes it")
-    parser.add_argument("--out", type=Path, default=Path("runs/gsm8k.png"), help="plot path (PNG)")
-    common.add_initial_argument(parser, INITIAL_INSTRUCTION, f'"{INITIAL_INSTRUCTION}"')
-    common.add_model_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> common.Study:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     common.configure_logging(args.verbose)
 
     def load():
-        pool = load_gsm8k("train", data_dir=args.data_dir)
-        train, val = split_examples(pool, [args.train, args.val], seed=args.seed)
+        train, val = split_examples(load_gsm8k("train", data_dir=args.data_dir), [args.train, args.val], seed=args.seed)
         (test,) = split_examples(load_gsm8k("test", data_dir=args.data_dir), [args.test], seed=args.seed)
         return train, val, test
 
-    train, val, test = common.exit_on_error(load)
-    models = common.load_models(args, max_tokens=common.LOCAL_MAX_TOKENS[args.program])
-    print(
-        f"GSM8K: {len(train)} train / {len(val)} val (from train) / {len(test)} test questions, seed {args.seed}; "
-        f"program {common.PROGRAM_NAMES[args.program]}; task model {args.task_model}; prompt model "
-        f"{args.prompt_model} ({models.family} meta-prompt)",
-        flush=True,
-    )
-
-    initial = common.initial_instructions(args.initial)
-    student = common.make_program(args.program, initial[0])
-    optimizer = common.make_opro(
+    return common.run_study(
         args,
-        models,
-        gsm8k_metric,
-        initial,
+        common.exit_on_error(load),
+        task="GSM8K",
+        metric=gsm8k_metric,
+        baselines=BASELINES,
+        paper=PAPER,
         instruction_filter=has_no_digits,
         task_description="solving grade-school math word problems",
-    )
-    title = (
-        f"GSM8K, {common.PROGRAM_NAMES[args.program]} on {args.task_model}, OPRO with {args.prompt_model}: "
-        f"{len(train)}/{len(val)}/{len(test)} train/val/test, {args.steps} steps x {args.candidates} proposals"
-    )
-    return common.run_study(
-        optimizer,
-        student,
-        train=train,
-        val=val,
-        test=test,
-        metric=gsm8k_metric,
-        baselines=common.label_baselines(BASELINES, initial),
-        make=lambda instruction: common.make_program(args.program, instruction),
-        models=models,
-        threads=args.threads,
-        title=title,
-        paper=PAPER,
-        out=args.out,
     )
 
 

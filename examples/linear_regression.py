@@ -18,17 +18,17 @@ orientation, and writes a plot of the best value per step (default ``runs/linear
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _common as common
 import dspy
 import numpy as np
 
-from dspy_opro.numeric import LinearRegression, OptimizationResult, make_prompt_model, optimize
+from dspy_opro.numeric import LinearRegression, OptimizationResult, optimize
 from dspy_opro.plots import save_figure
 from dspy_opro.testing import scripted_lm
 
@@ -58,7 +58,7 @@ def random_proposer(seed: int) -> dspy.LM:
 
 
 def run_all(
-    args: argparse.Namespace, lm_for_seed: Callable[[int], dspy.BaseLM], style: str, label: str, threads: int
+    args: argparse.Namespace, lm_for_seed: Callable[[int], dspy.BaseLM], family: str, label: str, threads: int
 ) -> Results:
     results = []
     for run in range(args.runs):
@@ -68,9 +68,9 @@ def run_all(
             problem,
             prompt_model=lm_for_seed(seed),
             num_steps=args.steps,
-            proposals_per_step=args.proposals,
+            candidates_per_step=args.proposals,
             temperature=1.0,
-            style=style,
+            meta_prompt=family,
             seed=seed,
             num_threads=threads,
             log_dir=None if args.log_dir is None else args.log_dir / f"{label}-run{run + 1}",
@@ -116,38 +116,21 @@ def plot(results: Results, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--prompt-model", default="local/smollm2", help="litellm model string (default: the embedded SmolLM2-135M)"
-    )
-    parser.add_argument(
-        "--meta-prompt",
-        choices=["auto", "chat", "base"],
-        default="auto",
-        help="meta-prompt style; auto: 'base' (list completion) for local models, 'chat' (the paper's wording) otherwise",
-    )
-    parser.add_argument("--runs", type=int, default=5, help="independent runs (the paper: 5)")
-    parser.add_argument("--steps", type=int, default=50, help="most steps per run")
-    parser.add_argument("--proposals", type=int, default=8, help="proposals sampled per step (the paper: 8)")
+    common.add_numeric_arguments(parser, steps=50, out="runs/linear_regression.png")
+    parser.add_argument("--runs", type=int, default=5, help="independent runs (the paper: 5); run i uses seed + i")
     parser.add_argument("--w", type=float, default=15, help="true slope")
     parser.add_argument("--b", type=float, default=14, help="true intercept")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first run; run i uses seed + i")
-    parser.add_argument("--threads", type=int, default=2, help="parallel samples")
-    parser.add_argument("--log-dir", type=Path, default=None, help="keep a resumable JSON history per run here")
-    parser.add_argument("--out", type=Path, default=Path("runs/linear_regression.png"), help="plot path (PNG)")
-    parser.add_argument("--verbose", action="store_true", help="log every step")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if args.verbose:
-        logging.getLogger("dspy_opro").setLevel(logging.INFO)
-
-    lm, style = make_prompt_model(args.prompt_model, style=args.meta_prompt, max_tokens=512)
-    if style == "base":
-        lm = lm.copy(max_tokens=16)  # a continued line holds one pair: "15, 14]"
+    common.configure_logging(args.verbose)
+    # A continued "base" line holds one pair: "15, 14]".
+    lm, family = common.numeric_prompt_model(args, base_tokens=16, chat_tokens=512)
     print(f"Linear regression, (w, b) = ({args.w:g}, {args.b:g}), x = 1..50, noise N(0, 1)")
-    print(f"OPRO with {args.prompt_model} ({style} meta-prompt), {args.proposals} proposals/step, ≤ {args.steps} steps")
+    print(
+        f"OPRO with {args.prompt_model} ({family} meta-prompt), {args.proposals} proposals/step, ≤ {args.steps} steps"
+    )
 
     started = time.perf_counter()
-    results = run_all(args, lambda seed: lm, style, "opro", args.threads)
+    results = run_all(args, lambda seed: lm, family, "opro", args.threads)
     elapsed = time.perf_counter() - started
     for i, (problem, result) in enumerate(results):
         w_ls, b_ls = problem.least_squares

@@ -25,7 +25,7 @@ the grammar never produces, and the baselines steer the model (the share of answ
 result), then the baseline and optimized scores on the training, validation and test lists, the optimized
 instruction, and writes a plot of OPRO's trajectory and of the test scores (default ``runs/mesa_lm_with_opro.png``).
 
-    python examples/mesa_lm_with_opro.py                                   # about 10 minutes on a 2-core CPU
+    python examples/mesa_lm_with_opro.py                                   # trains, then runs OPRO (README: timings)
     python examples/mesa_lm_with_opro.py --model-path runs/mesa_lists.pt   # saves the model; a rerun skips training
     python examples/mesa_lm_with_opro.py --operation reverse --prompt-model openai/gpt-4o-mini
 """
@@ -50,16 +50,15 @@ import dspy  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dspy_opro import OPRO  # noqa: E402
-from dspy_opro.local import Generation, GenerationRequest, SmallModelAdapter, register_generator  # noqa: E402
-from dspy_opro.models import optimizer_model  # noqa: E402
+from dspy_opro import OPRO, ModelSetup, setup_models  # noqa: E402
+from dspy_opro.local import Generation, GenerationRequest, register_generator  # noqa: E402
+from dspy_opro.study import Row, compare, describe, format_table, plot_study  # noqa: E402
 from mesa_module import MesaLM, MesaLMConfig  # noqa: E402
 
-# The helpers shared with mesa_lm.py live next to this script; its folder is on the import path when it runs as a
-# script, not when it is loaded from a file path (as the tests do).
+# The training helpers shared with mesa_lm.py live next to this script; its folder is on the import path when it
+# runs as a script, not when it is loaded from a file path (as the tests do).
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import describe  # noqa: E402
 from _mesa_training import learning_rate_factor, make_optimizer  # noqa: E402
 
 logger = logging.getLogger("mesa_lm_with_opro")
@@ -285,7 +284,7 @@ class TrainSettings:
 
 def model_config(settings: TrainSettings) -> MesaLMConfig:
     # The ungated (2023) mesa layer: a sequence here is under 150 bytes, nothing needs forgetting, and a training
-    # step costs about a quarter of the gated layer's on this CPU (0.21 s against 0.80 s at d_model 128, 3 layers).
+    # step costs a fraction of the gated layer's (the README gives the timings).
     return MesaLMConfig(
         vocab_size=256,
         d_model=settings.d_model,
@@ -410,13 +409,16 @@ class ListModelServer:
         )
 
 
-def serve(model: MesaLM, name: str = MODEL_NAME) -> dspy.LM:
-    """Register ``model`` as ``local/<name>`` and return the DSPy LM that runs the program (greedy, no cache).
-
-    The cache is off because the name stays while the weights behind it change from run to run.
-    """
+def served(model: MesaLM, name: str = MODEL_NAME) -> ModelSetup:
+    """Register ``model`` as ``local/<name>``: the models to run the program with (greedy answers, the small-model
+    adapter, no cache: the name stays while the weights behind it change from run to run)."""
     register_generator(name, ListModelServer(model))
-    return dspy.LM(f"local/{name}", engine="litellm", temperature=0.0, max_tokens=2 * MAX_ITEMS, cache=False)
+    return setup_models(f"local/{name}", answer_tokens=2 * MAX_ITEMS, cache=False)
+
+
+def serve(model: MesaLM, name: str = MODEL_NAME) -> dspy.LM:
+    """`served`'s task LM: the DSPy LM that runs the program on ``model``."""
+    return served(model, name).task_lm
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -460,27 +462,8 @@ def result_metric(example: dspy.Example, prediction: Any, trace: Any = None) -> 
     return float(_items(getattr(prediction, "result", prediction)) == _items(example.result))
 
 
-def evaluate(program: dspy.Module, examples: Sequence[dspy.Example], *, threads: int) -> float:
-    """Accuracy in percent (run it inside a ``dspy.context`` with the task model and adapter)."""
-    evaluator = dspy.Evaluate(
-        devset=list(examples), metric=result_metric, num_threads=threads, display_progress=False, max_errors=0
-    )
-    return float(evaluator(program).score)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The run
-
-
-@dataclass
-class Row:
-    """One instruction's accuracy (%) on the three splits."""
-
-    instruction: str
-    source: str
-    train: float
-    val: float
-    test: float
 
 
 @dataclass
@@ -529,38 +512,6 @@ def format_selection(matrix: dict[str, dict[str, float]], labels: dict[str, str]
         cells = " | ".join(f"{shares[op]:7.1f}" for op in OPERATIONS)
         lines.append(f"| {describe(instruction, 32):32} | {labels[instruction]:24} | {cells} |")
     return "\n".join(lines)
-
-
-def format_rows(rows: Sequence[Row]) -> str:
-    lines = [
-        f"| {'instruction':60} | {'source':22} | train % | val % | test % |",
-        f"|{'-' * 62}|{'-' * 24}|--------:|------:|-------:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {describe(row.instruction, 60):60} | {row.source:22} | {row.train:7.1f} | {row.val:5.1f} "
-            f"| {row.test:6.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def plot_report(report: Report, path: Path, title: str) -> None:
-    """OPRO's training scores per step (left) and the test accuracy of each instruction (right), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dspy_opro.plots import draw_scores, draw_trajectory, save_figure
-
-    fig, (steps, bars) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1, 1.1]})
-    draw_trajectory(steps, report.trajectory, legend_loc="center right")
-    steps.set_ylim(-3, 103)
-    steps.set_title("OPRO trajectory", fontsize=9)
-    rows = [(f"{describe(r.instruction, 80)} ({r.source})", r.test, r.source.startswith("OPRO")) for r in report.rows]
-    draw_scores(bars, rows, wrap=34, xmax=112)
-    bars.set_title("held-out lists (orange: OPRO's choice)", fontsize=9)
-    save_figure(fig, path, title=title)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -658,8 +609,7 @@ def _run(args: argparse.Namespace, prompt_lm: dspy.BaseLM | None, start: float) 
     train_seconds = time.perf_counter() - train_start
     if trained_here:
         print(f"Trained in {train_seconds:.0f} s; last loss {losses[-1][1]:.3f}.")
-    task_lm = serve(model)
-    adapter = SmallModelAdapter()
+    task = served(model)
 
     train, val, test = make_splits(operation, (args.train_size, args.val_size, args.test_size), args.seed)
     test_lists = [example["items"].split() for example in test]
@@ -672,7 +622,8 @@ def _run(args: argparse.Namespace, prompt_lm: dspy.BaseLM | None, start: float) 
     print(selection_table)
 
     if prompt_lm is None:
-        prompt_lm, family = optimizer_model(args.prompt_model, max_tokens=64)
+        prompt = setup_models(prompt_model=args.prompt_model, proposal_tokens=64)
+        prompt_lm, family = prompt.prompt_lm, prompt.meta_prompt
     else:
         family = "chat"
     print(
@@ -681,74 +632,74 @@ def _run(args: argparse.Namespace, prompt_lm: dspy.BaseLM | None, start: float) 
         f"{args.candidates} candidates, {len(train)} training / {len(val)} validation / {len(test)} test lists.",
         flush=True,
     )
-    opro_start = time.perf_counter()
-    with dspy.context(adapter=adapter):
-        optimized = OPRO(
-            result_metric,
-            prompt_model=prompt_lm,
-            task_model=task_lm,
-            num_steps=args.steps,
-            candidates_per_step=args.candidates,
-            meta_prompt=family,
-            initial_instructions=[BASELINE],
-            task_description=TASK_DESCRIPTIONS[operation],
-            num_threads=args.threads,
-            seed=args.seed,
-            show_progress=args.verbose,
-        ).compile(make_program(BASELINE), trainset=train, valset=val)
-    opro_seconds = time.perf_counter() - opro_start
-    chosen = optimized.candidate_programs[0]
-    final = optimized.signature.instructions
-
-    rows = []
-    sources = [
+    optimizer = OPRO(
+        result_metric,
+        prompt_model=prompt_lm,
+        task_model=task.task_lm,
+        num_steps=args.steps,
+        candidates_per_step=args.candidates,
+        meta_prompt=family,
+        initial_instructions=[BASELINE],
+        task_description=TASK_DESCRIPTIONS[operation],
+        num_threads=args.threads,
+        seed=args.seed,
+        show_progress=args.verbose,
+    )
+    baselines = [
         (EMPTY_INSTRUCTION, "baseline (empty)"),
         (BASELINE, "baseline, OPRO start"),
         (CANONICAL[operation], "training phrasing"),
-        (final, "OPRO, kept its start" if chosen["step"] == 0 else f"OPRO, step {chosen['step']}"),
     ]
-    with dspy.context(lm=task_lm, adapter=adapter):
-        for instruction, source in sources:
-            program = make_program(instruction)
-            scores = [evaluate(program, split, threads=args.threads) for split in (train, val, test)]
-            rows.append(Row(instruction, source, *scores))
-    table = format_rows(rows)
-    counts = optimized.call_counts
+    study = compare(
+        optimizer,
+        make_program(BASELINE),
+        trainset=train,
+        valset=val,
+        testset=test,
+        metric=result_metric,
+        baselines=baselines,
+        make_program=make_program,
+        context=task.context,
+        num_threads=args.threads,
+        rescore=("train", "val", "test"),
+        echo=None,
+    )
+    final, counts = study.rows[-1].instruction, study.call_counts
+    table = format_table(study.rows, width=60)
     print(f"\nOPRO on '{operation}' (exact match of the result, %):")
     print(table)
     print(f"\nOptimized instruction: {describe(final)}")
     print(
-        f"OPRO: {len(optimized.candidate_programs)} instructions scored, {counts['metric_calls']} metric calls, "
+        f"OPRO: {len(study.optimized.candidate_programs)} instructions scored, {counts['metric_calls']} metric calls, "
         f"{counts['task_lm']['calls']} task-model and {counts['prompt_lm']['calls']} prompt-model calls, "
-        f"{opro_seconds:.0f} s. Proposals: {counts['proposals']}, {counts['unparsed']} without an instruction, "
+        f"{study.seconds:.0f} s. Proposals: {counts['proposals']}, {counts['unparsed']} without an instruction, "
         f"{counts['duplicates']} repeated."
-    )
-    seconds = time.perf_counter() - start
-    report = Report(
-        operation=operation,
-        train_settings=settings,
-        trained_here=trained_here,
-        losses=losses,
-        selection=selection,
-        rows=rows,
-        optimized_instruction=final,
-        trajectory=optimized.trajectory,
-        call_counts=counts,
-        train_seconds=train_seconds,
-        opro_seconds=opro_seconds,
-        seconds=seconds,
-        plot=args.out,
-        table=table,
-        selection_table=selection_table,
     )
     title = (
         f"OPRO tunes the instruction of a mesa-layer LM ({model.num_parameters() / 1e6:.2f}M parameters, "
         f"{settings.steps} training steps) for '{operation}'"
     )
-    plot_report(report, args.out, title)
+    plot_study(study, args.out, title)
+    seconds = time.perf_counter() - start
     print(f"\nplot: {args.out}")
-    print(f"wall time: {seconds:.0f} s (training {train_seconds:.0f} s, OPRO {opro_seconds:.0f} s)")
-    return report
+    print(f"wall time: {seconds:.0f} s (training {train_seconds:.0f} s, OPRO {study.seconds:.0f} s)")
+    return Report(
+        operation=operation,
+        train_settings=settings,
+        trained_here=trained_here,
+        losses=losses,
+        selection=selection,
+        rows=study.rows,
+        optimized_instruction=final,
+        trajectory=study.trajectory,
+        call_counts=counts,
+        train_seconds=train_seconds,
+        opro_seconds=study.seconds,
+        seconds=seconds,
+        plot=args.out,
+        table=table,
+        selection_table=selection_table,
+    )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import contextvars
 import io
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,11 +30,12 @@ from typing import Any
 
 import _common as common
 import dspy
-from dspy.utils.callback import BaseCallback
 
-from dspy_opro import OPRO
-from dspy_opro.demo import PROBLEM_KINDS, answer_metric, make_splits
+from dspy_opro import OPRO, ModelSetup
+from dspy_opro.counting import CallCounter
 from dspy_opro.plots import save_figure
+from dspy_opro.study import describe, evaluate
+from dspy_opro.tasks.demo import PROBLEM_KINDS, answer_metric, make_splits
 
 
 # ------------------------------------------------------------------ the pipeline a user already has
@@ -67,12 +66,12 @@ class WordProblemPipeline(dspy.Module):
 
 
 # ------------------------------------------------------------------ the swap
-def optimize(name: str, program: dspy.Module, trainset: list, metric: Callable, models: common.Models, args):
+def optimize(name: str, program: dspy.Module, trainset: list, metric: Callable, models: ModelSetup, args):
     """Compile ``program`` with COPRO or OPRO: the two branches differ in the constructor line only."""
     n, depth, steps = args.breadth, args.depth, matched_steps(program, args.depth)
     # COPRO prompts through DSPy's adapters, so it gets the chat form of the prompt model; OPRO gets the form its
     # meta-prompt family wants (for a local model: plain text continuation and the "base" family).
-    chat_lm, lm, family = models.prompt_chat_lm, models.prompt_lm, models.family
+    chat_lm, lm, family = models.prompt_chat_lm, models.prompt_lm, models.meta_prompt
     if name == "copro":
         optimizer = dspy.COPRO(metric=metric, prompt_model=chat_lm, breadth=n, depth=depth)
     else:
@@ -85,56 +84,6 @@ def matched_steps(program: dspy.Module, depth: int) -> int:
     return len(program.predictors()) * depth * (depth + 1) // 2
 
 
-# ------------------------------------------------------------------ counting
-_ROLE = contextvars.ContextVar("swap_example_lm_role", default="other")
-
-
-class Meter(BaseCallback):
-    """Counts metric calls, and LM calls, completions and tokens per role (``task`` / ``prompt``).
-
-    LMs are tagged with a ``_swap_role`` attribute, which survives ``lm.copy()``. The meter is also DSPy's usage
-    tracker, which DSPy's parallel executor deep-copies; a copy is this same object.
-    """
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.metric_calls = 0
-        self.calls = {"task": 0, "prompt": 0, "other": 0}
-        self.completions = {"task": 0, "prompt": 0, "other": 0}
-        self.tokens = {"task": 0, "prompt": 0, "other": 0}
-
-    def __deepcopy__(self, memo):
-        return self
-
-    @staticmethod
-    def tag(lm: dspy.BaseLM, role: str) -> dspy.BaseLM:
-        lm._swap_role = role
-        return lm
-
-    def counted(self, metric: Callable) -> Callable:
-        def wrapped(example, prediction, trace=None):
-            with self.lock:
-                self.metric_calls += 1
-            return metric(example, prediction, trace)
-
-        return wrapped
-
-    def on_lm_start(self, call_id, instance, inputs):
-        role = getattr(instance, "_swap_role", "other")
-        _ROLE.set(role)
-        with self.lock:
-            self.calls[role] += 1
-
-    def on_lm_end(self, call_id, outputs, exception=None):
-        with self.lock:
-            self.completions[_ROLE.get()] += len(outputs or [])
-
-    def add_usage(self, lm, usage):
-        tokens = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
-        with self.lock:
-            self.tokens[_ROLE.get()] += tokens
-
-
 # ------------------------------------------------------------------ the comparison
 @dataclass
 class Outcome:
@@ -144,7 +93,7 @@ class Outcome:
     program: dspy.Module
     test: float
     train: float | None = None
-    meter: Meter | None = None
+    meter: CallCounter | None = None
     seconds: float | None = None
     changes: list[str] = field(default_factory=list)
 
@@ -212,7 +161,7 @@ def format_instructions(outcomes: list[Outcome]) -> str:
         lines.append(f"{name}:")
         for outcome in outcomes:
             instruction = dict(outcome.program.named_predictors())[name].signature.instructions
-            lines.append(f"  {outcome.name:8} {common.describe(instruction, 200)}")
+            lines.append(f"  {outcome.name:8} {describe(instruction, 200)}")
     for outcome in outcomes[1:]:
         lines.append(f"{outcome.name} changed: {', '.join(outcome.changes) or 'nothing'}")
     return "\n".join(lines)
@@ -265,9 +214,8 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     common.configure_logging(args.verbose)
     train, _, test = make_splits(args.train, 0, args.test, seed=args.seed, kinds=args.kinds)
     models = common.load_models(args, max_tokens=48, cache=False)
-    Meter.tag(models.task_lm, "task")
-    Meter.tag(models.prompt_lm, "prompt")
-    Meter.tag(models.prompt_chat_lm, "prompt")
+    for lm, role in ((models.task_lm, "task"), (models.prompt_lm, "prompt"), (models.prompt_chat_lm, "prompt")):
+        CallCounter.tag(lm, role)
     student = WordProblemPipeline()
     print(
         f"Two-stage pipeline {[name for name, _ in student.named_predictors()]} on word problems "
@@ -280,13 +228,11 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     outcomes = []
     with models.context(), dspy.context(num_threads=args.threads):
         print("test set, unoptimized pipeline: ", end="", flush=True)
-        outcomes.append(
-            Outcome("student", student, common.evaluate(student, test, answer_metric, threads=args.threads))
-        )
+        outcomes.append(Outcome("student", student, evaluate(student, test, answer_metric, num_threads=args.threads)))
         print(f"{outcomes[-1].test:.1f}%", flush=True)
         for name in ("copro", "opro"):
             print(f"compiling with {name.upper()} ...", flush=True)
-            meter = Meter()
+            meter = CallCounter(role=None)  # one meter for both models: each call's role is its LM's tag
             started = time.perf_counter()
             # COPRO prints its prompt model's history to stdout (an eager inspect_history inside a debug log
             # message); keep that out of the report. OPRO's progress bar is on stderr.
@@ -294,7 +240,7 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
                 compiled = optimize(name, student, train, meter.counted(answer_metric), models, args)
             seconds = time.perf_counter() - started
             print(f"test set, {name.upper()} pipeline: ", end="", flush=True)
-            accuracy = common.evaluate(compiled, test, answer_metric, threads=args.threads)
+            accuracy = evaluate(compiled, test, answer_metric, num_threads=args.threads)
             print(f"{accuracy:.1f}%", flush=True)
             outcome = Outcome(
                 name.upper(),

@@ -18,15 +18,15 @@ TSP heuristics: it shows that prompting alone can make progress.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
+
+import _common as common
 
 from dspy_opro.numeric import (
     OptimizationResult,
     TravelingSalesman,
     farthest_insertion,
-    make_prompt_model,
     nearest_neighbour,
     optimality_gap,
     optimize,
@@ -80,38 +80,20 @@ def plot(problem: TravelingSalesman, tours: list[tuple[str, tuple[int, ...]]], r
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--prompt-model", default="local/smollm2", help="litellm model string (default: the embedded SmolLM2-135M)"
-    )
-    parser.add_argument(
-        "--meta-prompt",
-        choices=["auto", "chat", "base"],
-        default="auto",
-        help="meta-prompt style; auto: 'base' (list completion) for local models, 'chat' (the paper's wording) otherwise",
-    )
+    common.add_numeric_arguments(parser, steps=30, out="runs/tsp.png")
     parser.add_argument("--n", type=int, default=10, help="number of points")
-    parser.add_argument("--steps", type=int, default=30, help="most optimization steps")
-    parser.add_argument("--proposals", type=int, default=8, help="valid proposals wanted per step (the paper: 8)")
     parser.add_argument(
         "--max-samples", type=int, default=None, help="most replies sampled per step (default: 3 x --proposals)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the points, the starting tours and the samples")
-    parser.add_argument("--threads", type=int, default=2, help="parallel samples")
-    parser.add_argument("--log-dir", type=Path, default=None, help="keep a resumable JSON history here")
-    parser.add_argument("--out", type=Path, default=Path("runs/tsp.png"), help="plot path (PNG)")
-    parser.add_argument("--verbose", action="store_true", help="log every step")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if args.verbose:
-        logging.getLogger("dspy_opro").setLevel(logging.INFO)
+    common.configure_logging(args.verbose)
 
     problem = TravelingSalesman(n=args.n, seed=args.seed)
-    lm, style = make_prompt_model(args.prompt_model, style=args.meta_prompt, max_tokens=1024)
-    if style == "base":
-        lm = lm.copy(max_tokens=4 * args.n + 8)  # one tour: about 2-3 tokens per point
+    # One "base" tour is about 2-3 tokens per point.
+    lm, family = common.numeric_prompt_model(args, base_tokens=4 * args.n + 8, chat_tokens=1024)
     print(f"TSP, n = {problem.n} random points in [-100, 100]^2 (seed {args.seed})")
     print(
-        f"OPRO with {args.prompt_model} ({style} meta-prompt), {args.proposals} valid proposals/step, ≤ {args.steps} steps"
+        f"OPRO with {args.prompt_model} ({family} meta-prompt), {args.proposals} valid proposals/step, ≤ {args.steps} steps"
     )
 
     started = time.perf_counter()
@@ -119,10 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         problem,
         prompt_model=lm,
         num_steps=args.steps,
-        proposals_per_step=args.proposals,
+        candidates_per_step=args.proposals,
         max_samples_per_step=args.max_samples or 3 * args.proposals,
         temperature=1.0,
-        style=style,
+        meta_prompt=family,
         seed=args.seed,
         num_threads=args.threads,
         log_dir=args.log_dir,

@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"  # the shared helpers, for child processes to import
+EXAMPLES = ROOT / "examples"
 
 
 @contextlib.contextmanager

@@ -44,34 +44,37 @@ Call parameters: ``temperature`` (0 is greedy, default 1.0), ``max_tokens`` (def
 ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``, ``presence_penalty``, ``frequency_penalty``.
 Responses carry ``usage`` and each choice's ``finish_reason`` (``"stop"`` or ``"length"``).
 
-Threads: see `dspy_opro.local.runtime` for the context pool (default) and the lock, and `configure`.
+Threads: see `dspy_opro.local.gguf` for the context pool (default) and the lock, and `configure`.
+
+Modules: `names` (the ``local/<name>`` namespace and `is_local_model`), `completion` (calls, results,
+errors), `gguf` (GGUF models through llama-cpp-python, the only module that imports it), `generators`
+(Python functions), `provider` (litellm), `lm` (``dspy.LM`` constructors), `adapter` (`SmallModelAdapter`).
 
 Heavy modules load lazily: this package imports neither litellm, dspy nor llama_cpp; the names
-`local_lm`, `text_lm`, `is_text_lm`, `is_local_lm`, `TextCompletionEngine` and `SmallModelAdapter`
-import dspy on first access.
+`local_lm`, `text_lm`, `is_text_lm`, `TextCompletionEngine` and `SmallModelAdapter` import dspy on first
+access.
 """
 
 from typing import Any
 
+from dspy_opro.local import gguf
 from dspy_opro.local._registration import is_registered, register
-from dspy_opro.local.runtime import (
-    DEFAULT_MODEL,
+from dspy_opro.local.completion import (
     ContextWindowError,
-    Generation,
-    GenerationRequest,
     GeneratorError,
     LlamaCppNotInstalledError,
     LocalModelError,
     ModelNotFoundError,
-    configure,
+)
+from dspy_opro.local.generators import Generation, GenerationRequest, register_generator, unregister_generator
+from dspy_opro.local.gguf import configure, register_model, resolve_model_path, unload_all
+from dspy_opro.local.names import (
+    DEFAULT_MODEL,
     generator_names,
     is_generator,
+    is_local_model,
     model_names,
-    register_generator,
-    register_model,
-    resolve_model_path,
-    unload_all,
-    unregister_generator,
+    serves_generator,
 )
 
 _LAZY = {
@@ -98,8 +101,9 @@ __all__ = [
     "TextCompletionEngine",
     "configure",
     "generator_names",
+    "gguf",
     "is_generator",
-    "is_local_lm",
+    "is_local_model",
     "is_registered",
     "is_text_lm",
     "local_lm",
@@ -108,6 +112,7 @@ __all__ = [
     "register_generator",
     "register_model",
     "resolve_model_path",
+    "serves_generator",
     "text_lm",
     "unload_all",
     "unregister_generator",

@@ -16,9 +16,9 @@ import threading
 import types
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from dspy_opro.local.names import PROVIDER
 
-PROVIDER = "local"
+logger = logging.getLogger(__name__)
 
 _lock = threading.RLock()
 

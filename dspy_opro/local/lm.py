@@ -18,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import warnings
 from typing import Any
 
 import dspy
 from dspy.lm15 import Message, Request, Response, TextPart, Usage
 
-from dspy_opro.local import runtime
-from dspy_opro.local._registration import PROVIDER, register
+from dspy_opro.local import gguf
+from dspy_opro.local._registration import register
+from dspy_opro.local.completion import INSTALL_HINT, LlamaCppNotInstalledError
+from dspy_opro.local.names import DEFAULT_MODEL, PROVIDER, is_local_model, model_part
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +155,7 @@ class TextCompletionEngine:
         )
 
     def close(self) -> None:
-        """Nothing to release: litellm's clients are shared, local models are cached by the runtime."""
+        """Nothing to release: litellm's clients are shared, GGUF models are cached by `dspy_opro.local.gguf`."""
 
     def dump_state(self) -> dict[str, Any]:
         """Settings for `load_state` (never the API key)."""
@@ -176,7 +179,7 @@ class AsyncTextCompletionEngine(TextCompletionEngine):
 
 
 def text_lm(
-    model: str = f"{PROVIDER}/{runtime.DEFAULT_MODEL}",
+    model: str = f"{PROVIDER}/{DEFAULT_MODEL}",
     *,
     api_base: str | None = None,
     api_key: str | None = None,
@@ -198,7 +201,7 @@ def text_lm(
     Returns:
         The LM.
     """
-    if model.startswith(f"{PROVIDER}/"):
+    if is_local_model(model):
         lm_kwargs.setdefault("num_retries", 0)  # nothing transient can fail in-process
     engine_args = {"api_base": api_base, "api_key": api_key, "provider_params": provider_params}
     return dspy.LM(
@@ -220,14 +223,16 @@ def is_text_lm(lm: Any) -> bool:
 
 
 def is_local_lm(lm: Any) -> bool:
-    """Whether ``lm`` runs on the local provider (its model string starts with ``local/``).
+    """Deprecated: `dspy_opro.local.is_local_model`, which takes a model string or an LM."""
+    warnings.warn(
+        "dspy_opro.local.is_local_lm is deprecated; use dspy_opro.local.is_local_model",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return is_local_model(lm)
 
-    Programs on such a model should run with `SmallModelAdapter` if the model is small.
-    """
-    return str(getattr(lm, "model", "")).startswith(f"{PROVIDER}/")
 
-
-def check_available(model: str = runtime.DEFAULT_MODEL) -> None:
+def check_available(model: str = DEFAULT_MODEL) -> None:
     """Raise the error a first call would raise if the model file or llama-cpp-python is missing.
 
     Args:
@@ -237,15 +242,15 @@ def check_available(model: str = runtime.DEFAULT_MODEL) -> None:
         ModelNotFoundError: The model is unknown or its file is missing.
         LlamaCppNotInstalledError: ``llama-cpp-python`` is not installed.
     """
-    runtime.resolve_model_path(model)
+    gguf.resolve_model_path(model)
     if importlib.util.find_spec("llama_cpp") is None:
-        raise runtime.LlamaCppNotInstalledError(
-            f"The local model needs `llama-cpp-python`, which is not installed; {runtime.INSTALL_HINT}"
+        raise LlamaCppNotInstalledError(
+            f"The local model needs `llama-cpp-python`, which is not installed; {INSTALL_HINT}"
         )
 
 
 def local_lm(
-    model: str = runtime.DEFAULT_MODEL,
+    model: str = DEFAULT_MODEL,
     *,
     model_type: str = "chat",
     check: bool = True,
@@ -265,7 +270,7 @@ def local_lm(
     Returns:
         The LM. ``num_retries`` defaults to 0: an in-process call has no transient failures.
     """
-    name = model[len(PROVIDER) + 1 :] if model.startswith(f"{PROVIDER}/") else model
+    name = model_part(model)
     if check:
         check_available(name)
     register()

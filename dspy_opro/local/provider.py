@@ -1,8 +1,8 @@
-"""The litellm provider ``local``: GGUF models and Python generators served in-process by `runtime`.
+"""The litellm provider ``local``: GGUF models (`gguf`) and Python generators (`generators`) served in-process.
 
 ``litellm.completion(model="local/smollm2", messages=...)`` applies the model's chat template;
 ``litellm.text_completion(model="local/smollm2", prompt=...)`` continues the prompt exactly as
-given. A name given to `runtime.register_generator` is routed to its Python function instead, for
+given. A name given to `generators.register_generator` is routed to its Python function instead, for
 both kinds of call. Importing this module imports litellm; `dspy_opro.local.register` does it only
 once litellm itself is imported.
 """
@@ -20,11 +20,11 @@ import litellm
 from litellm.llms.custom_llm import CustomLLM, CustomLLMError
 from litellm.types.utils import Choices, GenericStreamingChunk, Message, ModelResponse, Usage
 
-from dspy_opro.local import runtime
+from dspy_opro.local import completion, generators, gguf
+from dspy_opro.local.names import PROVIDER, is_generator
 
 logger = logging.getLogger(__name__)
 
-PROVIDER = "local"
 
 # Keywords a call may carry. Sampling ones go to llama.cpp; load ones select the runtime.
 SAMPLING_PARAMS = frozenset(
@@ -89,7 +89,7 @@ def _text_prompt(messages: list[dict[str, Any]]) -> str:
 
 def run(
     model: str, messages: list[dict[str, Any]], optional_params: dict[str, Any], *, text: bool
-) -> runtime.Completion:
+) -> completion.Completion:
     """Generate with the runtime, turning its errors into litellm errors of the right status.
 
     The status decides whether callers retry: a missing file or package (404/400) is final.
@@ -106,40 +106,40 @@ def run(
     """
     sampling, load = _split_params(optional_params)
     try:
-        if runtime.is_generator(model):
+        if is_generator(model):
             for key in load:
                 _warn_ignored(key, f"a Python generator ({model!r}) has no load settings")
             if text:
-                return runtime.call_generator(model, prompt=_text_prompt(messages), **sampling)
-            return runtime.call_generator(model, messages=messages, **sampling)
-        settings = runtime.runtime_settings(model, **load)
+                return generators.call_generator(model, prompt=_text_prompt(messages), **sampling)
+            return generators.call_generator(model, messages=messages, **sampling)
+        settings = gguf.runtime_settings(model, **load)
         if text:
-            return runtime.generate(settings, prompt=_text_prompt(messages), **sampling)
-        return runtime.generate(settings, messages=messages, **sampling)
-    except runtime.GeneratorError as exc:
+            return gguf.generate(settings, prompt=_text_prompt(messages), **sampling)
+        return gguf.generate(settings, messages=messages, **sampling)
+    except completion.GeneratorError as exc:
         # A generator that raises ValueError rejects this request (final); anything else is a server fault.
         raise CustomLLMError(400 if isinstance(exc.__cause__, ValueError) else 500, str(exc)) from exc
-    except runtime.ModelNotFoundError as exc:
+    except completion.ModelNotFoundError as exc:
         raise CustomLLMError(404, str(exc)) from exc
-    except runtime.LlamaCppNotInstalledError as exc:
+    except completion.LlamaCppNotInstalledError as exc:
         raise CustomLLMError(400, str(exc)) from exc
-    except runtime.ContextWindowError as exc:
+    except completion.ContextWindowError as exc:
         raise litellm.ContextWindowExceededError(str(exc), model=f"{PROVIDER}/{model}", llm_provider=PROVIDER) from exc
     except (TypeError, ValueError) as exc:
         raise CustomLLMError(400, f"Invalid request for the local model: {exc}") from exc
 
 
-def _fill(model_response: ModelResponse, model: str, completion: runtime.Completion) -> ModelResponse:
+def _fill(model_response: ModelResponse, model: str, result: completion.Completion) -> ModelResponse:
     model_response.choices = [
         Choices(index=i, finish_reason=choice.finish_reason, message=Message(role="assistant", content=choice.text))
-        for i, choice in enumerate(completion.choices)
+        for i, choice in enumerate(result.choices)
     ]
     model_response.model = model
     model_response.created = int(time.time())
     model_response.usage = Usage(
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-        total_tokens=completion.total_tokens,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.total_tokens,
     )
     return model_response
 

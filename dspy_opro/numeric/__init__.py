@@ -3,22 +3,20 @@
 from dspy_opro.numeric import LinearRegression, optimize
 result = optimize(LinearRegression(w_true=15, b_true=14, seed=1), prompt_model="openai/gpt-4o-mini", num_steps=50)
 
-A `Problem` supplies the starting solutions, the objective, the meta-prompt wording and the
-parser of proposals; `optimize` runs the loop shared by all problems (ranking, sampling,
-validity and de-duplication, caps on attempts, stopping at a known optimum, JSON history).
+A `Problem` supplies the starting solutions, the objective, and per meta-prompt family its wording and
+the parser of proposals; `optimize` runs the loop shared by all problems (ranking, sampling with OPRO's
+call policy, validity and de-duplication, caps on attempts, stopping at a known optimum, a resumable
+JSON history), on the same run kit as instruction OPRO (`dspy_opro.run`).
 """
 
+from typing import Any
+
+from dspy_opro.run import former_name
+
+from .history import NumericCounts, NumericStep, OptimizationResult, Proposal, load_history
 from .linear_regression import LinearRegression, best_integer_pair, least_squares
-from .loop import (
-    NumericCounts,
-    OptimizationResult,
-    Proposal,
-    StepRecord,
-    load_history,
-    make_prompt_model,
-    optimize,
-)
-from .problem import STYLES, InvalidProposal, Problem, Scored, choose_shown, render_meta_prompt
+from .loop import make_prompt_model, optimize
+from .problem import FAMILY_NAMES, InvalidProposal, Problem, Scored, choose_shown, render_meta_prompt
 from .tsp import (
     TravelingSalesman,
     farthest_insertion,
@@ -30,15 +28,15 @@ from .tsp import (
 )
 
 __all__ = [
-    "STYLES",
+    "FAMILY_NAMES",
     "InvalidProposal",
     "LinearRegression",
     "NumericCounts",
+    "NumericStep",
     "OptimizationResult",
     "Problem",
     "Proposal",
     "Scored",
-    "StepRecord",
     "TravelingSalesman",
     "best_integer_pair",
     "choose_shown",
@@ -54,3 +52,11 @@ __all__ = [
     "render_meta_prompt",
     "tour_length",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    former = {
+        "STYLES": ("dspy_opro.numeric.FAMILY_NAMES (or Problem.families)", lambda: FAMILY_NAMES),
+        "StepRecord": ("dspy_opro.numeric.NumericStep", lambda: NumericStep),
+    }
+    return former_name(__name__, name, former)

@@ -74,7 +74,7 @@ def parse_pair(text: str, *, max_abs: int = DEFAULT_MAX_ABS) -> tuple[int, int]:
     return _integer(match.group(1), max_abs=max_abs), _integer(match.group(2), max_abs=max_abs)
 
 
-def extract_pair(reply: str, style: str, *, max_abs: int = DEFAULT_MAX_ABS) -> tuple[int, int]:
+def extract_pair(reply: str, family: str, *, max_abs: int = DEFAULT_MAX_ABS) -> tuple[int, int]:
     """The pair a reply proposes.
 
     ``"chat"`` replies: the last ``[...]`` holding two numbers (a literal ``[w, b]`` or any
@@ -84,7 +84,7 @@ def extract_pair(reply: str, style: str, *, max_abs: int = DEFAULT_MAX_ABS) -> t
     Raises:
         InvalidProposal: No pair, or the pair found is not a valid integer pair.
     """
-    if style == "base":
+    if family == "base":
         head = reply.split(BASE_STOP, 1)[0].split("\n", 1)[0]
         head = head.rsplit(BASE_OPEN, 1)[-1]  # a model that opened its own bracket
         if not head.strip():
@@ -199,14 +199,14 @@ class LinearRegression(Problem):
         w, b = solution
         return sum_of_squares(self.x, self.y, w, b)
 
-    def parse(self, reply: str, style: str) -> tuple[int, int]:
-        return extract_pair(reply, style, max_abs=self.max_abs)
+    def parse(self, reply: str, family: str) -> tuple[int, int]:
+        return extract_pair(reply, family, max_abs=self.max_abs)
 
-    def stop(self, style: str) -> list[str] | None:
-        return [BASE_STOP] if style == "base" else None
+    def stop(self, family: str) -> list[str] | None:
+        return [BASE_STOP] if family == "base" else None
 
-    def meta_prompt(self, shown: Sequence[Scored], style: str) -> str:
-        if style == "base":
+    def meta_prompt(self, shown: Sequence[Scored], family: str) -> str:
+        if family == "base":
             lines = [BASE_INTRO, ""]
             lines += [BASE_ENTRY.format(w=s.solution[0], b=s.solution[1], value=display_value(s.value)) for s in shown]
             lines.append(BASE_OPEN)

@@ -1,9 +1,11 @@
 """What OPRO needs to know about a black-box objective: the `Problem` interface.
 
 A problem owns everything task-specific: its starting solutions, the objective, the words of
-its meta-prompt and how a proposal is read back out of a reply. The loop in `dspy_opro.numeric.loop`
-owns everything shared: which scored solutions are shown and in what order, sampling, de-duplication,
-caps on attempts, stopping, and the history.
+its meta-prompt and how a proposal is read back out of a reply, for each meta-prompt family it
+writes (`Problem.families`; `Problem.family` gives one as a `dspy_opro.families.Family`, the object
+instruction OPRO's families are too). The loop in `dspy_opro.numeric.loop` owns everything shared:
+which scored solutions are shown and in what order, sampling, de-duplication, caps on attempts,
+stopping, and the history.
 
 Solutions are plain hashable values (tuples of numbers for the tasks here), so the loop can
 de-duplicate them and write them to JSON.
@@ -12,14 +14,17 @@ de-duplicate them and write them to JSON.
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-STYLES = ("chat", "base")
-"""Meta-prompt styles: ``"chat"`` asks an instruction-tuned model in words (the paper's wording);
-``"base"`` lists the scored solutions one per line and ends with an open line for a pretrained or
+from dspy_opro.families import Family, Scored, check_family, choose_shown, display_value
+from dspy_opro.run import take_renamed
+
+__all__ = ["InvalidProposal", "Problem", "Scored", "choose_shown", "display_value", "render_meta_prompt"]
+
+FAMILY_NAMES = ("chat", "base")
+"""The families the problems here write: ``"chat"`` asks an instruction-tuned model in words (the paper's
+wording); ``"base"`` lists the scored solutions one per line and ends with an open line for a pretrained or
 very small model to complete as plain text (sent as a text completion, cut at `Problem.stop`)."""
 
 
@@ -37,26 +42,6 @@ class InvalidProposal(ValueError):
         self.detail = detail
 
 
-@dataclass(frozen=True)
-class Scored:
-    """A solution and its objective value, as the meta-prompt shows it.
-
-    Attributes:
-        solution: The solution (hashable).
-        value: Its objective value.
-        step: 0 for a starting solution, else the step that proposed it.
-    """
-
-    solution: Hashable
-    value: float
-    step: int = 0
-
-
-def display_value(value: float) -> int:
-    """An objective value as the integer a meta-prompt shows (halves round up), as in the paper."""
-    return int(math.floor(value + 0.5))
-
-
 class Problem(abc.ABC):
     """A black-box objective for `dspy_opro.numeric.optimize`.
 
@@ -69,11 +54,13 @@ class Problem(abc.ABC):
         name: Short name for logs and the history file.
         minimize: True when lower values are better.
         default_max_shown: How many scored solutions the meta-prompt shows unless told otherwise.
+        families: The meta-prompt families the problem writes (names of `dspy_opro.families.MODEL_TYPES`).
     """
 
     name: str = "problem"
     minimize: bool = True
     default_max_shown: int = 20
+    families: tuple[str, ...] = FAMILY_NAMES
 
     @abc.abstractmethod
     def initial_solutions(self) -> list[Hashable]:
@@ -84,25 +71,35 @@ class Problem(abc.ABC):
         """The objective value of a valid solution."""
 
     @abc.abstractmethod
-    def parse(self, reply: str, style: str) -> Hashable:
-        """Read a proposed solution out of a reply to the ``style`` meta-prompt.
+    def parse(self, reply: str, family: str) -> Hashable:
+        """Read a proposed solution out of a reply to the ``family`` meta-prompt.
 
         Raises:
             InvalidProposal: The reply holds no valid solution; its ``reason`` is counted.
         """
 
     @abc.abstractmethod
-    def meta_prompt(self, shown: Sequence[Scored], style: str) -> str:
-        """The meta-prompt text for the scored solutions ``shown`` (worst first, best last)."""
+    def meta_prompt(self, shown: Sequence[Scored], family: str) -> str:
+        """The ``family`` meta-prompt text for the scored solutions ``shown`` (worst first, best last)."""
 
     @property
     def optimum(self) -> float | None:
         """The best attainable value if known; the run can stop when a proposal reaches it."""
         return None
 
-    def stop(self, style: str) -> list[str] | None:
-        """Stop strings for the ``style`` meta-prompt (the ``base`` style closes its open line)."""
+    def stop(self, family: str) -> list[str] | None:
+        """Stop strings for the ``family`` meta-prompt (the ``base`` family closes its open line)."""
         return None
+
+    def family(self, name: str, *, argument: str = "meta_prompt") -> Family:
+        """The meta-prompt family ``name`` in this problem's wording: its writer, reader and stop strings."""
+        check_family(name, self.families, argument=argument)
+        return Family(
+            name,
+            write=lambda shown, **_: self.meta_prompt(shown, name),
+            read=lambda reply: self.parse(reply, name),
+            stop=tuple(self.stop(name) or ()),
+        )
 
     def is_optimal(self, value: float) -> bool:
         """Whether ``value`` reaches the known optimum (within floating-point noise)."""
@@ -133,25 +130,28 @@ class Problem(abc.ABC):
         return tuple(data) if isinstance(data, list) else data
 
 
-def choose_shown(history: Sequence[Scored], *, max_shown: int, minimize: bool) -> list[Scored]:
-    """The scored solutions a meta-prompt shows: the best ``max_shown``, worst first, best last.
-
-    Equal values keep their order of arrival (the sort is stable).
-    """
-    ranked = sorted(history, key=lambda s: s.value, reverse=minimize)
-    return ranked[-max_shown:] if max_shown > 0 else []
-
-
-def render_meta_prompt(problem: Problem, history: Sequence[Scored], *, style: str, max_shown: int | None = None) -> str:
+def render_meta_prompt(
+    problem: Problem,
+    history: Sequence[Scored],
+    meta_prompt: str | None = None,
+    *,
+    max_shown: int | None = None,
+    **renamed: Any,
+) -> str:
     """The meta-prompt the loop sends for ``history``: exactly the text the model receives.
 
     Args:
         problem: The problem.
         history: Every scored solution so far, in any order.
-        style: ``"chat"`` or ``"base"``.
+        meta_prompt: The family, ``"chat"`` or ``"base"`` (``style``, its former name, is accepted with a
+            `DeprecationWarning`).
         max_shown: How many of the best to show; ``problem.default_max_shown`` by default.
     """
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    given = take_renamed(renamed, {"style": "meta_prompt"}, meta_prompt=meta_prompt)
+    if renamed:
+        raise TypeError(f"render_meta_prompt() got an unexpected keyword argument {next(iter(renamed))!r}")
+    if given["meta_prompt"] is None:
+        raise TypeError("render_meta_prompt() needs the meta-prompt family: meta_prompt='chat' or 'base'")
+    family = problem.family(given["meta_prompt"], argument=given.name("meta_prompt"))
     limit = problem.default_max_shown if max_shown is None else max_shown
-    return problem.meta_prompt(choose_shown(history, max_shown=limit, minimize=problem.minimize), style)
+    return family.write(choose_shown(history, max_shown=limit, minimize=problem.minimize))

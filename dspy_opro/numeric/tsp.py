@@ -133,7 +133,7 @@ def parse_tour(text: str, n: int) -> Tour:
     return check_tour(numbers, n)
 
 
-def extract_tour(reply: str, style: str, n: int) -> Tour:
+def extract_tour(reply: str, family: str, n: int) -> Tour:
     """The tour a reply proposes.
 
     ``"chat"`` replies: the last complete ``<trace>...</trace>``. ``"base"`` replies continue an
@@ -143,7 +143,7 @@ def extract_tour(reply: str, style: str, n: int) -> Tour:
     Raises:
         InvalidProposal: ``"no tour found"`` or a reason from `parse_tour`.
     """
-    if style == "base":
+    if family == "base":
         head = _CLOSE.split(reply, maxsplit=1)[0].split("\n", 1)[0]
         head = _OPEN.split(head)[-1]  # a model that opened its own tag
         if not head.strip():
@@ -315,20 +315,20 @@ class TravelingSalesman(Problem):
     def evaluate(self, solution: Tour) -> float:
         return tour_length(self.points, solution)
 
-    def parse(self, reply: str, style: str) -> Tour:
-        return extract_tour(reply, style, self.n)
+    def parse(self, reply: str, family: str) -> Tour:
+        return extract_tour(reply, family, self.n)
 
-    def stop(self, style: str) -> list[str] | None:
-        return [BASE_STOP] if style == "base" else None
+    def stop(self, family: str) -> list[str] | None:
+        return [BASE_STOP] if family == "base" else None
 
     def _points_text(self) -> str:
         return ", ".join(f"({i}): ({x}, {y})" for i, (x, y) in enumerate(self.points))
 
-    def meta_prompt(self, shown: Sequence[Scored], style: str) -> str:
+    def meta_prompt(self, shown: Sequence[Scored], family: str) -> str:
         def tour(s: Scored) -> str:
             return ",".join(map(str, s.solution))
 
-        if style == "base":
+        if family == "base":
             lines = [BASE_POINTS.format(points=self._points_text()), "", BASE_INTRO, ""]
             lines += [BASE_ENTRY.format(tour=tour(s), length=display_value(s.value)) for s in shown]
             lines.append(BASE_OPEN)

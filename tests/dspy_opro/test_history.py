@@ -7,6 +7,7 @@ import pytest
 from opro_scripted import ScriptedOptimizer, make_trainset, metric, task_lm
 
 from dspy_opro import OPRO
+from dspy_opro.history import ALL_PREDICTORS, Candidate
 from dspy_opro.testing import scripted_lm
 
 
@@ -69,28 +70,17 @@ def test_a_refused_resume_names_what_differs(tmp_path):
         compile_(opro(tmp_path), student=dspy.Predict("question -> result"))
 
 
-def test_the_call_ledger_replays_its_events_survives_a_cut_line_and_belongs_to_one_run(tmp_path):
-    from dspy_opro.models import CallLedger, CallStats
-
-    path = tmp_path / "opro_calls.jsonl"
-    ledger = CallLedger(path)
-    assert ledger.open("run-a") is None
-    ledger.write_base("task", CallStats(calls=5, requests=5, succeeded=5, prompt_tokens=50))
-    ledger.record("task", {"event": "start"})
-    ledger.record("task", {"event": "end", "outcome": "failed", "kind": "transient", "type": "LMServerError"})
-    ledger.record("task", {"event": "retry"})
-    ledger.record("prompt", {"event": "start"})  # in flight when the process was killed
-    ledger.close()
-    with open(path, "a") as handle:
-        handle.write('{"event": "end", "role": "pro')  # the kill cut this line short
-
-    again = CallLedger(path)
-    totals = again.open("run-a")
-    task, prompt = totals["task"], totals["prompt"]
-    assert (task.calls, task.requests, task.succeeded, task.errors, task.retries) == (6, 6, 5, 1, 1)
-    assert task.failed == {"transient": 1} and task.error_types == {"LMServerError": 1} and task.prompt_tokens == 50
-    assert prompt.calls == 1 and prompt.interrupted == 1
-    again.record("prompt", {"event": "end", "outcome": "cached"})
-    again.close()
-    assert CallLedger(path).open("run-a")["prompt"].cache_hits == 1  # written on a line of its own
-    assert CallLedger(path).open("run-b") is None and path.read_text().count("\n") == 1  # another run starts afresh
+def test_a_candidate_derives_its_score_examples_instruction_and_validation_score_from_its_results():
+    candidate = Candidate(0, 1, "solve", {"extract": "List them.", "solve": "Add."}, [1.0, 0.0, None, 1.0])
+    assert (candidate.instruction, candidate.evaluated) == ("Add.", 3)
+    assert candidate.score == pytest.approx(100 * 2 / 3) and candidate.val_score is None
+    start = Candidate(1, 0, ALL_PREDICTORS, {"extract": "List them.", "solve": "Add."}, [0.0])
+    assert start.instruction == "List them."  # a starting configuration shows its first predictor's
+    candidate.validation = {"scores": [1.0, 0.0], "failed": [], "program_errors": []}
+    assert candidate.val_score is None  # a validation pass that has not ended gives no score
+    candidate.validation["done"] = True
+    assert candidate.val_score == 50.0
+    data = candidate.to_json()
+    assert data["score"] == candidate.score and data["instruction"] == "Add."  # written for people reading the file
+    data["score"] = 99.0
+    assert Candidate.from_json(data).score == candidate.score  # ... and derived again on reading

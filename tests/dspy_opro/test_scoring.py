@@ -1,4 +1,4 @@
-"""Scoring with failures: a failed example is never a score (scripted models; HTTP faults are in test_run_faults)."""
+"""Scoring with failures: a failed example is never a score (scripted models; HTTP faults are in test_calls)."""
 
 import dspy
 import pytest
@@ -6,7 +6,8 @@ from opro_scripted import ScriptedOptimizer, make_trainset, metric, task_lm
 
 from dspy_opro import OPRO
 from dspy_opro.calls import TaskFailureError
-from dspy_opro.models import CallCounter, Counts
+from dspy_opro.counting import CallCounter
+from dspy_opro.history import Counts
 from dspy_opro.scoring import Evaluation, Scorer
 
 

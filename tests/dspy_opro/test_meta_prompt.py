@@ -175,3 +175,14 @@ def test_markup_never_reaches_scoring():
     for reply in replies:
         found = extract_instruction("chat", reply)
         assert found is None or rejection_reason(normalize_instruction(found)) in ("markup", "placeholder"), reply
+
+
+def test_the_new_names_render_like_the_former_ones():
+    history = [(f"instruction {i}", float(i)) for i in range(5)]
+    assert render_meta_prompt("chat", history, max_shown=2).count("Instruction:") == 2
+    import dspy_opro.meta_prompt as module
+
+    with pytest.deprecated_call(match="display_score is deprecated; use dspy_opro.families.display_value"):
+        assert module.display_score(49.5) == 50
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_instructionz'"):
+        render_meta_prompt("chat", history, max_instructionz=2)

@@ -4,8 +4,8 @@ In a fresh process the first parallel calls can mix DSPy cache hits and misses. 
 its cached litellm response, which imports litellm in that thread; a miss in another thread asks
 DSPy's lazy loader for litellm meanwhile and gets the half-initialised module. The child process
 below sets that up on purpose (the misses wait half a second, so the hits start the import) and
-samples through `dspy_opro.models.sample_replies`, which runs on the same pool as all of OPRO's
-calls (`dspy_opro.calls.run_jobs`).
+samples through `dspy_opro.sampling.ask`, which runs on the same pool as all of OPRO's calls
+(`dspy_opro.calls.run_jobs`).
 """
 
 import json
@@ -17,7 +17,7 @@ import dspy
 import pytest
 from openai_server import OpenAIServer
 
-from dspy_opro.models import sample_one
+from dspy_opro.sampling import sample_one
 
 KEY = ("race",)
 HITS = (0, 2, 4, 6)
@@ -27,7 +27,7 @@ import json, sys, time
 import dspy
 from dspy.utils.callback import BaseCallback
 from dspy_opro import calls
-from dspy_opro.models import rollout_id, sample_replies
+from dspy_opro.sampling import ask, rollout_id
 
 if {without_fix}:
     calls.finish_lazy_imports = lambda lms: None
@@ -44,7 +44,9 @@ class LateMisses(BaseCallback):
 
 lm = dspy.LM("openai/test-model", api_base={url!r}, api_key="k", engine="litellm", num_retries=0, cache=True)
 with dspy.context(callbacks=[LateMisses()]):
-    replies = sample_replies(lm, "hello", 8, temperature=1.0, key={key!r}, num_threads=8)
+    outcomes = ask(lm, "hello", range(8), temperature=1.0, key={key!r}, retries=0, model=None, step=1, total=8,
+                   num_threads=8)
+replies = [o.value if o.ok else o.error for o in outcomes]
 print(json.dumps([r if isinstance(r, str) else f"{{type(r).__name__}}: {{r}}" for r in replies]))
 """
 

@@ -16,6 +16,7 @@ from collections import Counter
 import dspy
 import http_task
 import pytest
+from example_scripts import TESTS
 from http_task import is_probe, is_prompt, make_opro, make_set, outcome
 from openai_server import Fault, FaultPlan
 
@@ -365,7 +366,8 @@ def test_a_retry_waits_as_long_as_retry_after_says_within_the_longest_wait(monke
 
 
 def test_an_empty_or_unreadable_reply_is_a_wrong_answer_not_a_failure():
-    from dspy_opro.models import CallCounter, Counts
+    from dspy_opro.counting import CallCounter
+    from dspy_opro.history import Counts
     from dspy_opro.scoring import Scorer
 
     with http_task.server() as server:
@@ -406,7 +408,7 @@ def test_after_kill_9_the_counts_include_the_killed_process_calls(tmp_path):
     history = tmp_path / "opro_history.json"
     with http_task.server() as server:
         server.plan = lambda request: Fault("stall", seconds=0.05)  # slow enough to be killed mid-step
-        code = KILLED_CHILD.format(tests=os.path.dirname(__file__), url=server.url, log_dir=str(tmp_path))
+        code = KILLED_CHILD.format(tests=str(TESTS), url=server.url, log_dir=str(tmp_path))
         child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.getcwd()})
         try:
             deadline = time.time() + 240

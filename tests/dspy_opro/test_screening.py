@@ -1,9 +1,11 @@
+import math
+
 import dspy
 import pytest
 from opro_scripted import make_trainset, metric, task_lm
 
 from dspy_opro import OPRO
-from dspy_opro.screening import batch_ends, example_order, first_batch_size, screen, wilson_upper
+from dspy_opro.screening import affordable, batch_ends, example_order, first_batch_size, screen, wilson_upper
 from dspy_opro.testing import scripted_lm
 
 
@@ -103,3 +105,10 @@ def test_a_round_over_budget_goes_on_with_the_leaders_only():
     assert scorer.calls == 24  # 4 x 4 in the first round, then 2 leaders x 4
     assert [r.evaluated for r in results] == [4, 8, 4, 8]
     assert screen(CountingScorer(), [1, 2], examples, threshold=0.0, order=order, max_calls=3)[0].evaluated == 0
+
+
+def test_screening_says_how_many_new_candidates_a_budget_can_start():
+    assert affordable(8, 64, math.inf, screened=True) == 8
+    assert affordable(8, 64, 64, screened=False) == 1  # a full-set candidate costs 64 calls
+    assert affordable(8, 64, 64, screened=True) == 8  # a screened one may cost only its first batch of 8
+    assert affordable(8, 64, 7, screened=True) == 0 and affordable(8, 64, -5, screened=False) == 0

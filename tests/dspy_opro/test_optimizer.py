@@ -6,6 +6,7 @@ import threading
 import dspy
 import pytest
 from dspy.utils.callback import BaseCallback
+from example_scripts import TESTS
 from opro_scripted import (
     ScriptedOptimizer,
     TwoStageOptimizer,
@@ -473,7 +474,7 @@ def test_kill_9_loses_at_most_the_step_in_flight(tmp_path):
 
     log_dir = tmp_path / "run"
     history = log_dir / "opro_history.json"
-    code = CHILD.format(tests=os.path.dirname(__file__), log_dir=str(log_dir))
+    code = CHILD.format(tests=str(TESTS), log_dir=str(log_dir))
     child = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.time() + 60
@@ -507,3 +508,12 @@ def test_validation_takes_at_most_a_quarter_of_the_budget():
     assert len(validated) == 2  # 100 // 4 // 10 finalists instead of 5
     assert program.call_counts["metric_calls"] <= 100
     assert len([c for c in program.candidate_programs if c["step"] > 0]) >= 5  # the rest went to the search
+
+
+def test_the_former_name_of_max_shown_still_works_with_a_warning():
+    with pytest.deprecated_call(match="max_instructions_in_prompt is deprecated; use max_shown"):
+        optimizer = OPRO(metric, prompt_model=ScriptedOptimizer().lm(), max_instructions_in_prompt=5)
+    params = optimizer.get_params()
+    assert optimizer.max_shown == params["max_shown"] == 5 and "max_instructions_in_prompt" not in params
+    with pytest.raises(ValueError, match="max_shown must be at least 1"):
+        OPRO(metric, prompt_model=ScriptedOptimizer().lm(), max_shown=0)

@@ -13,6 +13,7 @@ import pytest
 from dspy.evaluate.evaluate import EvaluationResult
 from dspy.utils import DummyLM
 from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
+from example_scripts import ROOT
 from opro_scripted import ScriptedOptimizer, answer_for, chat_reply, instruction_of, make_trainset, metric, task_lm
 
 from dspy_opro import OPRO, compat
@@ -250,9 +251,8 @@ def test_harmless_arguments_say_they_have_no_effect(caplog):
 
 
 def test_every_table_entry_is_in_the_readme():
-    from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("| DSPy argument |") :]
     table = table[: table.index("\n\n")]
     names = {entry.name for entry in (*compat.ALIASES, *compat.NEUTRAL, *compat.NO_EFFECT, *compat.REFUSED)}
@@ -368,7 +368,7 @@ def test_auto_meta_prompt_is_one_rule_for_instruction_and_numeric_opro(tmp_path,
             LinearRegression(seed=1),
             prompt_model="local/tiny-test-optimizer",
             num_steps=1,
-            proposals_per_step=2,
+            candidates_per_step=2,
             show_progress=False,
         )
         assert numeric.steps and numeric.best_solution == (15, 14)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from example_scripts import EXAMPLES, loaded_example
 
+from dspy_opro import ModelSetup
 from dspy_opro.local import SmallModelAdapter
 from dspy_opro.testing import ScriptedCall, scripted_lm
 
@@ -102,14 +103,14 @@ def models(scripts, monkeypatch):
     """Scripted models in place of the ones named by --task-model / --prompt-model."""
     common = scripts["common"]
     task, proposer, copro_proposer = TaskModel(), Proposer(), Proposer(copro_format=True)
-    made = common.Models(
+    made = ModelSetup(
         task_lm=scripted_lm(task, model="scripted/task"),
         adapter=SmallModelAdapter(),
         prompt_lm=scripted_lm(proposer, model="scripted/prompt"),
-        family="chat",
+        meta_prompt="chat",
         prompt_chat_lm=scripted_lm(copro_proposer, model="scripted/prompt-chat"),
     )
-    monkeypatch.setattr(common, "make_models", lambda *args, **kwargs: made)
+    monkeypatch.setattr(common, "setup_models", lambda *args, **kwargs: made)
     made.task, made.proposer, made.copro_proposer = task, proposer, copro_proposer
     return made
 

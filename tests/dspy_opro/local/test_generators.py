@@ -14,24 +14,17 @@ from dspy_opro.local import (
     GeneratorError,
     ModelNotFoundError,
     SmallModelAdapter,
+    completion,
     generator_names,
+    generators,
+    gguf,
     is_generator,
     local_lm,
     model_names,
-    register,
     register_generator,
     register_model,
-    runtime,
     unregister_generator,
 )
-
-
-@pytest.fixture(scope="module")
-def litellm():
-    register()
-    import litellm as module
-
-    return module
 
 
 @pytest.fixture
@@ -94,7 +87,7 @@ def test_register_checks_names_functions_and_settings(names, tmp_path):
     with pytest.raises(ValueError, match="already names a Python generator"):
         register_model("toy-reg", tmp_path / "model.gguf")
     with pytest.raises(ModelNotFoundError, match="check=False"):
-        runtime.resolve_model_path("toy-reg")
+        gguf.resolve_model_path("toy-reg")
     assert unregister_generator("toy-reg") is True
     assert unregister_generator("toy-reg") is False
     assert not is_generator("toy-reg")
@@ -127,8 +120,8 @@ def test_chat_completion_passes_messages_and_defaults_and_fills_usage(names, lit
     assert request.text == "Be brief.\n\nfirst question\n\nyes\n\ntwo words"
     # The defaults of the GGUF models, resolved before the generator sees them.
     assert (request.temperature, request.max_tokens, request.stop, request.seed, request.index) == (
-        runtime.DEFAULT_TEMPERATURE,
-        runtime.DEFAULT_MAX_TOKENS,
+        completion.DEFAULT_TEMPERATURE,
+        completion.DEFAULT_MAX_TOKENS,
         (),
         None,
         0,
@@ -252,12 +245,12 @@ def test_generator_failures_are_reported_with_the_generator_name(names, litellm)
 
     # The runtime's own exception carries the generator's as its cause.
     with pytest.raises(GeneratorError) as caught:
-        runtime.call_generator("toy-broken", prompt="x")
+        generators.call_generator("toy-broken", prompt="x")
     assert isinstance(caught.value.__cause__, RuntimeError)
     with pytest.raises(ModelNotFoundError, match="No generator named 'toy-never-registered'"):
-        runtime.call_generator("toy-never-registered", prompt="x")
+        generators.call_generator("toy-never-registered", prompt="x")
     with pytest.raises(ValueError, match="exactly one of"):
-        runtime.call_generator("toy-broken")
+        generators.call_generator("toy-broken")
 
 
 def test_a_refused_request_reaches_dspy_without_retries(names):

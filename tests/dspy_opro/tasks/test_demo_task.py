@@ -5,7 +5,7 @@ import re
 import dspy
 import pytest
 
-from dspy_opro import demo
+from dspy_opro.tasks import demo
 
 
 def _solve(question):
