@@ -44,14 +44,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import contextvars
 import io
 import json
 import logging
 import os
 import statistics
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -63,11 +61,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dspy  # noqa: E402
-from dspy.utils.callback import BaseCallback  # noqa: E402
 
 from dspy_opro import OPRO  # noqa: E402
+from dspy_opro.counting import CallCounter  # noqa: E402
 from dspy_opro.faults import FATAL, classify, describe  # noqa: E402
-from dspy_opro.models import optimizer_model, resolve_lm  # noqa: E402
+from dspy_opro.local.names import is_local_model  # noqa: E402
+from dspy_opro.models import ModelSetup, setup_models  # noqa: E402
 from dspy_opro.plots import save_figure  # noqa: E402
 from dspy_opro.tasks import bbh_metric, gsm8k_metric, load_bbh, load_gsm8k, split_examples  # noqa: E402
 from dspy_opro.tasks.suite import SUITE  # noqa: E402
@@ -129,85 +128,12 @@ def load_task(name: str, *, seed: int, n_train: int, n_val: int, n_test: int, da
 
 
 # ------------------------------------------------------------------ models
-def task_model_setup(spec: str, *, cache: bool) -> dspy.BaseLM:
-    """The task model for a model string; a local model also makes `SmallModelAdapter` DSPy's adapter.
-
-    Settings are the demo's (greedy decoding, short answers) for every model.
-    """
-    from dspy_opro.demo import TASK_LM_SETTINGS
-
-    if spec.startswith("local/"):
-        from dspy_opro.local import SmallModelAdapter, local_lm
-
-        dspy.configure(adapter=SmallModelAdapter())
-        return local_lm(spec, **TASK_LM_SETTINGS, cache=cache, check=not _is_generator(spec))
-    return resolve_lm(spec, role="task_model").copy(**TASK_LM_SETTINGS, cache=cache)
-
-
-def _is_generator(spec: str) -> bool:
-    """Whether ``spec`` names a Python function served with `register_generator` (it has no model file to check)."""
-    from dspy_opro.local import runtime
-
-    return spec.startswith("local/") and runtime.is_generator(spec[len("local/") :])
-
-
-def prompt_model_setup(spec: str, *, cache: bool) -> tuple[dspy.BaseLM, str, dspy.BaseLM]:
-    """OPRO's prompt LM and meta-prompt family (`optimizer_model`), and the same model as a chat LM."""
-    if _is_generator(spec):
-        from dspy_opro.local import local_lm
-
-        # optimizer_model's choice for a local model (a text completion, the "base" family), minus its file check.
-        prompt_lm, family = local_lm(spec, model_type="text", max_tokens=512, check=False), "base"
-    else:
-        prompt_lm, family = optimizer_model(spec)
-    if spec.startswith("local/"):
-        from dspy_opro.local import local_lm
-
-        chat_lm = local_lm(spec, temperature=1.0, max_tokens=256, cache=cache, check=not _is_generator(spec))
-    else:
-        chat_lm = resolve_lm(spec, role="prompt_model").copy(cache=cache)
-    return prompt_lm.copy(cache=cache), family, chat_lm
-
-
-# ------------------------------------------------------------------ counting
-_ROLE = contextvars.ContextVar("benchmark_lm_role", default="other")
-
-
-class Meter(BaseCallback):
-    """Counts metric calls, and LM calls and tokens per role (``prompt`` / ``task``).
-
-    LMs are tagged with a ``_benchmark_role`` attribute, which survives ``lm.copy()``. The
-    meter is also the usage tracker; DSPy's parallel executor deep-copies trackers, so a copy
-    is this same object.
-    """
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.metric_calls = 0
-        self.calls = {"prompt": 0, "task": 0, "other": 0}
-        self.tokens = {"prompt": 0, "task": 0, "other": 0}
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def wrap(self, metric: Callable) -> Callable:
-        def counted(example, prediction, trace=None):
-            with self.lock:
-                self.metric_calls += 1
-            return metric(example, prediction, trace)
-
-        return counted
-
-    def on_lm_start(self, call_id, instance, inputs):
-        role = getattr(instance, "_benchmark_role", "other")
-        _ROLE.set(role)
-        with self.lock:
-            self.calls[role] += 1
-
-    def add_usage(self, lm, usage):
-        tokens = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
-        with self.lock:
-            self.tokens[_ROLE.get()] += tokens
+def role_tagged(setup: ModelSetup) -> ModelSetup:
+    """``setup`` with its LMs tagged by role, for the one call meter of a run (`CallCounter` with ``role=None``)."""
+    CallCounter.tag(setup.task_lm, "task")
+    CallCounter.tag(setup.prompt_lm, "prompt")
+    CallCounter.tag(setup.prompt_chat_lm, "prompt")
+    return setup
 
 
 class GEPAProposals:
@@ -306,22 +232,22 @@ def test_key(task: str, seed: int, args, instructions: list[str]) -> tuple:
     return (task, seed, args.train, args.val, args.test, args.task_model, args.cache, tuple(instructions))
 
 
-def run_one(name: str, task: Task, seed: int, args, models: dict, test_scores: dict) -> dict[str, Any]:
+def run_one(name: str, task: Task, seed: int, args, models: ModelSetup, test_scores: dict) -> dict[str, Any]:
     """One optimizer on one seed; the result record (test accuracy, calls, tokens, wall time, details).
 
     ``test_scores`` maps `test_key` to the test scores measured so far; a program whose instructions are
     there is not evaluated again.
     """
-    meter = Meter()
-    metric = meter.wrap(task.metric)
+    meter = CallCounter(role=None)  # reads each call's role from its LM (`role_tagged`)
+    metric = meter.counted(task.metric)
     student = dspy.Predict(task.signature)
     if task.initial_instruction is not None:
         student.signature = student.signature.with_instructions(task.initial_instruction)
     budget, threads, n_train = args.budget, args.threads, len(task.train)
-    task_lm, chat_lm = models["task"], models["chat"]
+    task_lm, chat_lm = models.task_lm, models.prompt_chat_lm
     details: dict[str, Any] = {}
     start = time.perf_counter()
-    with dspy.context(lm=task_lm, callbacks=[meter], usage_tracker=meter), contextlib.redirect_stdout(io.StringIO()):
+    with models.context(), meter.context(), contextlib.redirect_stdout(io.StringIO()):
         if name == "baseline":
             program = student
         elif name in ("opro", "opro-paper"):
@@ -330,9 +256,9 @@ def run_one(name: str, task: Task, seed: int, args, models: dict, test_scores: d
                 log_dir = str(Path(args.log_dir) / task.name.replace(":", "_") / f"{name}-seed{seed}")
             program = OPRO(
                 metric,
-                prompt_model=models["prompt"],
+                prompt_model=models.prompt_lm,
                 task_model=task_lm,
-                meta_prompt=models["family"],
+                meta_prompt=models.meta_prompt,
                 max_metric_calls=budget,
                 num_threads=threads,
                 seed=seed,
@@ -382,7 +308,7 @@ def run_one(name: str, task: Task, seed: int, args, models: dict, test_scores: d
     # returns an instruction already tested on this split (often the start) reuses that score.
     known = test_scores.get(test_key(task.name, seed, args, instructions))
     if known is None:
-        with dspy.context(lm=task_lm):
+        with models.context():
             known = evaluate(program, task.test, task.metric, threads)
     return {
         "task": task.name,
@@ -416,7 +342,7 @@ def run_gepa(name: str, student, task: Task, metric: Callable, chat_lm, args, se
         return metric(gold, pred, trace)
 
     proposer = None
-    if name == "gepa" and args.prompt_model.startswith("local/"):
+    if name == "gepa" and is_local_model(args.prompt_model):
         from dspy_opro.local import SmallModelAdapter
 
         proposer = InstructionProposer(adapter=SmallModelAdapter())
@@ -604,10 +530,7 @@ def main() -> None:
     }
 
     if not args.report:
-        task_lm = task_model_setup(args.task_model, cache=args.cache)
-        prompt_lm, family, chat_lm = prompt_model_setup(args.prompt_model, cache=args.cache)
-        task_lm._benchmark_role, prompt_lm._benchmark_role, chat_lm._benchmark_role = "task", "prompt", "prompt"
-        models = {"task": task_lm, "prompt": prompt_lm, "family": family, "chat": chat_lm}
+        models = role_tagged(setup_models(args.task_model, args.prompt_model, cache=args.cache))
         previous = read_results(path)
         done = {run_key(r) for r in previous}
         test_scores = {
