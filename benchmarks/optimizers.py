@@ -13,7 +13,11 @@ Optimizers (``--optimizers``):
 - ``baseline``: the program as given (the task's start instruction), no optimization;
 - ``opro``: OPRO with its defaults (screening on; at most 20 steps of 8 proposals),
   ``max_metric_calls`` = the budget;
-- ``opro-paper``: OPRO with the paper's full scoring (``screening=False``) at the same budget;
+- ``opro-paper``: ``OPRO.paper_defaults()`` (full scoring, random exemplars with their answers
+  only) with the prompt model's meta-prompt family, at the same budget;
+- ``opro-v0``: OPRO's defaults before the search changes (the "base" family without exemplars,
+  screening estimates shown); ``opro-estimates``, ``opro-nofeedback`` and ``opro-noexemplars``
+  undo one change each (`OPRO_VARIANTS`);
 - ``copro``: ``dspy.COPRO``; a single-predictor program costs breadth x depth x len(trainset)
   metric calls, so it runs depth 3 (else 2, else 1) with the largest breadth (>= 4) that fits;
 - ``mipro``: ``dspy.MIPROv2`` with ``max_bootstrapped_demos=0, max_labeled_demos=0``, 8
@@ -71,7 +75,18 @@ from dspy_opro.plots import save_figure  # noqa: E402
 from dspy_opro.tasks import bbh_metric, gsm8k_metric, load_bbh, load_gsm8k, split_examples  # noqa: E402
 from dspy_opro.tasks.suite import SUITE  # noqa: E402
 
-OPTIMIZERS = ("baseline", "opro", "opro-paper", "copro", "mipro", "gepa", "gepa-json")
+OPRO_VARIANTS: dict[str, dict[str, Any]] = {
+    "opro": {},  # OPRO's defaults
+    "opro-paper": {},  # OPRO.paper_defaults(), with the prompt model's meta-prompt family
+    # OPRO's defaults before the search changes (no exemplars in the "base" family, estimates shown):
+    "opro-v0": {"show_estimates": True, "feedback": False, "exemplar_selection": "random", "num_exemplars": 0},
+    # One change at a time, undone from the defaults:
+    "opro-estimates": {"show_estimates": True},
+    "opro-nofeedback": {"feedback": False, "exemplar_selection": "random"},
+    "opro-noexemplars": {"num_exemplars": 0},
+}
+"""OPRO's settings in each benchmark column (beside the budget, threads and seed every column shares)."""
+OPTIMIZERS = ("baseline", *OPRO_VARIANTS, "copro", "mipro", "gepa", "gepa-json")
 DEFAULT_OPTIMIZERS = ("baseline", "opro", "copro", "mipro", "gepa")
 # The settings that make two results comparable (and a finished run skippable).
 RUN_KEY = ("task", "optimizer", "seed", "budget", "train", "val", "test", "task_model", "prompt_model")
@@ -250,11 +265,12 @@ def run_one(name: str, task: Task, seed: int, args, models: ModelSetup, test_sco
     with models.context(), meter.context(), contextlib.redirect_stdout(io.StringIO()):
         if name == "baseline":
             program = student
-        elif name in ("opro", "opro-paper"):
+        elif name in OPRO_VARIANTS:
             log_dir = None
             if args.log_dir:
                 log_dir = str(Path(args.log_dir) / task.name.replace(":", "_") / f"{name}-seed{seed}")
-            program = OPRO(
+            build = OPRO.paper_defaults if name == "opro-paper" else OPRO
+            program = build(
                 metric,
                 prompt_model=models.prompt_lm,
                 task_model=task_lm,
@@ -262,9 +278,9 @@ def run_one(name: str, task: Task, seed: int, args, models: ModelSetup, test_sco
                 max_metric_calls=budget,
                 num_threads=threads,
                 seed=seed,
-                screening=name == "opro",
                 show_progress=False,
                 log_dir=log_dir,
+                **OPRO_VARIANTS[name],
             ).compile(student, trainset=task.train, valset=task.val)
             details = opro_details(program, n_train)
         elif name == "copro":

@@ -9,6 +9,12 @@ The four strategies of the OPRO reference:
 - ``"current_most_frequent"``: the examples most often answered wrongly by the instructions
   currently shown in the meta-prompt.
 
+and one of this package's, the default:
+
+- ``"best_wrong"``: drawn afresh every step from the examples the current best program answers
+  wrongly, so that the meta-prompt shows how the best instruction fails (with ``feedback``, the
+  program's answer and the metric's feedback are shown beside them).
+
 When a wrong-answer strategy has fewer candidates than requested (early in a run), the rest
 is filled at random so the meta-prompt always shows ``k`` examples when the data allows.
 """
@@ -18,7 +24,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-EXEMPLAR_STRATEGIES = ("random", "constant", "accumulative_most_frequent", "current_most_frequent")
+EXEMPLAR_STRATEGIES = ("random", "constant", "accumulative_most_frequent", "current_most_frequent", "best_wrong")
 
 
 def _fill(chosen: list[int], n_examples: int, k: int, rng: random.Random) -> list[int]:
@@ -37,6 +43,7 @@ def select_exemplars(
     step: int,
     wrong_ever: Counter | None = None,
     wrong_current: Counter | None = None,
+    wrong_best: list[int] | None = None,
     salt: str = "",
 ) -> list[int]:
     """Indices of the training examples to show, sorted ascending.
@@ -49,6 +56,7 @@ def select_exemplars(
         step: The optimization step (the draw for a step is the same on every run and resume).
         wrong_ever: Example index -> how many scored instructions got it wrong, over the run.
         wrong_current: The same count over the instructions shown in this meta-prompt.
+        wrong_best: The examples the current best program answers wrongly.
         salt: Distinguishes independent draws within one step (e.g. one per predictor).
     """
     if strategy not in EXEMPLAR_STRATEGIES:
@@ -61,8 +69,11 @@ def select_exemplars(
     rng = random.Random(f"{seed}:exemplars:{step}:{salt}")
     if strategy == "random":
         return sorted(rng.sample(range(n_examples), k))
-    if strategy == "accumulative_most_frequent":
-        pool = sorted(i for i, count in (wrong_ever or {}).items() if count > 0)
+    if strategy in ("accumulative_most_frequent", "best_wrong"):
+        if strategy == "best_wrong":
+            pool = sorted(set(wrong_best or ()))
+        else:
+            pool = sorted(i for i, count in (wrong_ever or {}).items() if count > 0)
         chosen = rng.sample(pool, k) if len(pool) > k else pool
         return _fill(chosen, n_examples, k, rng)
     counts = {i: c for i, c in (wrong_current or {}).items() if c > 0}

@@ -200,6 +200,7 @@ class RunState:
     steps: list[StepRecord] = field(default_factory=list)
     best_id: int | None = None
     best_traces: list[dict[str, dict[str, str]]] = field(default_factory=list)
+    best_notes: list[dict[str, Any]] = field(default_factory=list)
     counts: Counts = field(default_factory=Counts)
     selection: dict[str, Any] | None = None
     pending: PendingStep | None = None
@@ -227,6 +228,7 @@ class RunState:
             "candidates": [c.to_json() for c in self.candidates],
             "steps": [self.step_log(s) for s in self.steps],
             "best_traces": self.best_traces,
+            "best_notes": self.best_notes,
             "pending": None if self.pending is None else asdict(self.pending),
         }
 
@@ -241,6 +243,7 @@ class RunState:
                 steps=[StepRecord(**{k: v for k, v in s.items() if k != "best_score"}) for s in data["steps"]],
                 best_id=data["best_id"],
                 best_traces=data.get("best_traces", []),
+                best_notes=data.get("best_notes", []),
                 counts=Counts.from_dict(data.get("counts", {})),
                 selection=data.get("selection"),
                 pending=None if pending is None else PendingStep.from_json(pending),

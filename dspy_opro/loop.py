@@ -159,6 +159,8 @@ class InstructionRun:
             "max_instruction_length": s.max_instruction_length,
             "task_description": s.task_description,
             "screening": s.screening,
+            "show_estimates": s.show_estimates,
+            "feedback": s.feedback,
             "prompt_model": lm_name(self.prompt_lm),
             "task_model": lm_name(self.task_lm),
         }
@@ -318,6 +320,7 @@ class InstructionRun:
         if self.usable(candidate) and (best is None or candidate.score > best.score):
             self.state.best_id = candidate.id
             self.state.best_traces = evaluation.traces or []
+            self.state.best_notes = evaluation.notes or []
         if candidate.program_errors:
             logger.warning(
                 "Candidate %d is left out: the program or the metric raised on %d example(s); first: %s",

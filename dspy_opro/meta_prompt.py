@@ -8,9 +8,13 @@ last, next to the request) with integer scores from 0 to 100:
   a better instruction between ``<INS>`` and ``</INS>``.
 - ``"paper"``: the wording of the OPRO paper's figure 3 (texts with scores, exemplars as
   input/output pairs, the new text in square brackets).
-- ``"base"`` for pretrained (completion) models: one line stating the goal, then one line
-  per past instruction as ``Precision: <score> <TEXT>...</TEXT>``, ending with an open
-  ``<TEXT>`` for the model to complete. No exemplars.
+- ``"base"`` for pretrained (completion) models: one line stating the goal, a few task
+  examples as their fields, then one line per past instruction as
+  ``Precision: <score> <TEXT>...</TEXT>``, ending with an open ``<TEXT>`` for the model to
+  complete.
+
+With ``feedback`` (`dspy_opro.OPRO`), an exemplar the current best program answers wrongly also
+shows that answer and, when the metric returns one, the metric's feedback.
 
 Every template is a module constant below, so the exact text sent can be read and diffed. Each
 family is one `dspy_opro.families.Family` in `FAMILIES`: its writer, its reply reader and its stop
@@ -39,6 +43,8 @@ CHAT_INTRO = (
 CHAT_ENTRY = "Instruction: {text}\nScore: {score}"
 CHAT_EXEMPLARS_INTRO = "Below are some problems. <INS> marks where the instruction is placed."
 CHAT_EXEMPLAR = "Problem:\n{problem}\nGround truth answer:\n{answer}"
+CHAT_FAILURE = "The best instruction so far gave this wrong answer:\n{output}"
+CHAT_FEEDBACK = "Feedback on that answer:\n{feedback}"
 CHAT_REQUEST = (
     "Write a new instruction that differs from every instruction above and that will score higher "
     "than all of them. Keep it concise, effective and applicable to every problem of this kind. "
@@ -57,6 +63,8 @@ PAPER_EXEMPLARS_INTRO = (
     "wrong; one that matches counts as right."
 )
 PAPER_EXEMPLAR = "input:\n{problem}\noutput:\n{answer}"
+PAPER_FAILURE = "wrong output of the best text so far:\n{output}"
+PAPER_FEEDBACK = "feedback:\n{feedback}"
 PAPER_REQUEST = (
     "Write a new text that is different from the old ones and has a score as high as possible. "
     "Write the text in square brackets."
@@ -64,6 +72,9 @@ PAPER_REQUEST = (
 
 # --- "base": pretrained optimizer models, sent as a plain text completion ----------------
 BASE_INTRO = "Write a short text, placed where <INS> stands, that makes the answers more precise for this task: {task}."
+BASE_EXEMPLARS_INTRO = "Examples of the task:"
+BASE_FAILURE = "(wrong answer given: {output})"
+BASE_FEEDBACK = "(feedback: {feedback})"
 BASE_ENTRY = "Precision: {score} <TEXT>{text}</TEXT>"
 BASE_OPEN = "Precision: {score} <TEXT>"
 BASE_STOP = "</TEXT>"
@@ -76,10 +87,14 @@ class Exemplar:
     Attributes:
         inputs: Input field name to value, as the instruction's predictor receives them.
         answer: Output field name to the ground-truth value.
+        output: The current best program's wrong answer (output field name to value), when shown.
+        feedback: The metric's feedback on that answer, when it gave one.
     """
 
     inputs: Mapping[str, str]
     answer: Mapping[str, str] = field(default_factory=dict)
+    output: Mapping[str, str] | None = None
+    feedback: str | None = None
 
 
 def _fields(values: Mapping[str, str]) -> str:
@@ -90,22 +105,57 @@ def _problem(exemplar: Exemplar) -> str:
     return f"{PLACEHOLDER}\n{_fields(exemplar.inputs)}"
 
 
+def _one_line(values: Mapping[str, str]) -> str:
+    return "; ".join(" ".join(str(v).split()) for v in values.values())
+
+
+def _failure(exemplar: Exemplar, failure: str, feedback: str, fields: Callable[[Mapping[str, str]], str]) -> list[str]:
+    """The lines that show the best program's wrong answer and the metric's feedback (none if not shown)."""
+    lines = []
+    if exemplar.output is not None:
+        lines.append(failure.format(output=fields(exemplar.output) or "(empty)"))
+        if exemplar.feedback:
+            lines.append(feedback.format(feedback=exemplar.feedback))
+    return lines
+
+
 # --- writing meta-prompts -----------------------------------------------------------------
-def _write_base(shown: Sequence[Scored], *, task_description: str = "answer the question", **_: Any) -> str:
+def _write_base(
+    shown: Sequence[Scored],
+    *,
+    exemplars: Sequence[Exemplar] = (),
+    task_description: str = "answer the question",
+    **_: Any,
+) -> str:
     lines = [BASE_INTRO.format(task=task_description), ""]
+    if exemplars:
+        lines.append(BASE_EXEMPLARS_INTRO)
+        for e in exemplars:
+            lines += [_fields(e.inputs), _fields(e.answer), *_failure(e, BASE_FAILURE, BASE_FEEDBACK, _one_line)]
+            lines.append("")
     lines += [BASE_ENTRY.format(score=display_value(s.value), text=s.solution) for s in shown]
     best = max((display_value(s.value) for s in shown), default=0)
     lines.append(BASE_OPEN.format(score=min(100, best + 10)))
     return "\n".join(lines)
 
 
-def _writer(intro: str, entry: str, exemplars_intro: str, exemplar: str, request: str) -> Callable[..., str]:
+def _writer(
+    intro: str, entry: str, exemplars_intro: str, exemplar: str, failure: str, feedback: str, request: str
+) -> Callable[..., str]:
     """The writer of a family that asks in words: intro, scored entries, exemplars, request."""
 
     def write(shown: Sequence[Scored], *, exemplars: Sequence[Exemplar] = (), **_: Any) -> str:
         parts = [intro, "\n\n".join(entry.format(text=s.solution, score=display_value(s.value)) for s in shown)]
         if exemplars:
-            rendered = [exemplar.format(problem=_problem(e), answer=_fields(e.answer)) for e in exemplars]
+            rendered = [
+                "\n".join(
+                    [
+                        exemplar.format(problem=_problem(e), answer=_fields(e.answer)),
+                        *_failure(e, failure, feedback, _fields),
+                    ]
+                )
+                for e in exemplars
+            ]
             parts += [exemplars_intro, "\n\n".join(rendered)]
         parts.append(request)
         return "\n\n".join(p for p in parts if p)
@@ -221,12 +271,22 @@ def _reader(*order: Callable[[str], str | None], fields: bool = True) -> Callabl
 FAMILIES: dict[str, Family] = {
     "chat": Family(
         "chat",
-        write=_writer(CHAT_INTRO, CHAT_ENTRY, CHAT_EXEMPLARS_INTRO, CHAT_EXEMPLAR, CHAT_REQUEST),
+        write=_writer(
+            CHAT_INTRO, CHAT_ENTRY, CHAT_EXEMPLARS_INTRO, CHAT_EXEMPLAR, CHAT_FAILURE, CHAT_FEEDBACK, CHAT_REQUEST
+        ),
         read=_reader(_from_json, _from_tags, _from_brackets, _from_bare_reply),
     ),
     "paper": Family(
         "paper",
-        write=_writer(PAPER_INTRO, PAPER_ENTRY, PAPER_EXEMPLARS_INTRO, PAPER_EXEMPLAR, PAPER_REQUEST),
+        write=_writer(
+            PAPER_INTRO,
+            PAPER_ENTRY,
+            PAPER_EXEMPLARS_INTRO,
+            PAPER_EXEMPLAR,
+            PAPER_FAILURE,
+            PAPER_FEEDBACK,
+            PAPER_REQUEST,
+        ),
         read=_reader(_from_json, _from_brackets, _from_tags, _from_bare_reply),
     ),
     "base": Family(
@@ -256,7 +316,7 @@ def render_meta_prompt(
         family: ``"chat"``, ``"paper"`` or ``"base"`` (see the module docstring).
         instructions: ``(instruction, score)`` pairs with scores from 0 to 100, in any order.
             They are sorted ascending and the best ``max_shown`` are kept.
-        exemplars: Task problems to show (ignored by ``"base"``).
+        exemplars: Task problems to show.
         max_shown: How many of the best instructions to show (``max_instructions``, its former name, is
             accepted with a `DeprecationWarning`).
         task_description: What the program does, used by the ``"base"`` wording.

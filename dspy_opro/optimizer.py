@@ -75,8 +75,10 @@ class OPRO(Teleprompter):
             ``max_instructions_in_prompt``, still accepted with a `DeprecationWarning`).
         num_exemplars: Training examples shown in the meta-prompt (default 3). GEPA's
             ``reflection_minibatch_size``.
-        exemplar_selection: ``"random"``, ``"constant"``, ``"accumulative_most_frequent"`` or
-            ``"current_most_frequent"`` (see `dspy_opro.exemplars`).
+        exemplar_selection: ``"best_wrong"`` (the default: examples the current best program
+            answers wrongly), or one of the reference's ``"random"`` (the paper's), ``"constant"``,
+            ``"accumulative_most_frequent"`` and ``"current_most_frequent"`` (see
+            `dspy_opro.exemplars`).
         temperature: Sampling temperature of the prompt model (default 1.0). COPRO's and
             MIPROv2's ``init_temperature``.
         meta_prompt: ``"auto"`` (the default: `dspy_opro.families.meta_prompt_family` picks
@@ -118,8 +120,14 @@ class OPRO(Teleprompter):
         screening: Score new candidates on a growing minibatch and stop scoring those that
             cannot plausibly beat the best (see `dspy_opro.screening`); on by default (the README's
             Benchmarks section compares it with full scoring). ``False`` gives the paper's full scoring
-            of every candidate. The best program is
-            still chosen on full training-set scores. MIPROv2's ``compile(minibatch=...)``.
+            of every candidate. The best program is still chosen on full training-set scores.
+            MIPROv2's ``compile(minibatch=...)``.
+        show_estimates: Also show the prompt model the candidates that screening stopped early, with
+            their minibatch scores (estimates). Off by default: the meta-prompt shows only scores
+            measured on the whole training set.
+        feedback: Show, beside each exemplar the current best program answers wrongly, that answer
+            and the metric's feedback when it returns one (``dspy.Prediction(score=...,
+            feedback=...)``, as GEPA metrics do). On by default; the paper shows answers only.
         show_progress: Show a progress bar over steps.
         verbose: Log at DEBUG level during ``compile`` (every meta-prompt, every unreadable
             reply), to stderr if no logging handler is configured.
@@ -140,7 +148,7 @@ class OPRO(Teleprompter):
         candidates_per_step: int | None = None,
         max_shown: int = 20,
         num_exemplars: int | None = None,
-        exemplar_selection: str = "random",
+        exemplar_selection: str = "best_wrong",
         temperature: float | None = None,
         meta_prompt: str = "auto",
         initial_instructions: str | Sequence[str] | Mapping[str, str | Sequence[str]] | None = None,
@@ -156,6 +164,8 @@ class OPRO(Teleprompter):
         instruction_filter: Callable[[str], bool] | None = None,
         task_description: str | None = None,
         screening: bool = True,
+        show_estimates: bool = False,
+        feedback: bool = True,
         show_progress: bool = True,
         verbose: bool = False,
         **dspy_args: Any,
@@ -232,8 +242,20 @@ class OPRO(Teleprompter):
         self.instruction_filter = instruction_filter
         self.task_description = task_description
         self.screening = bool(screening)
+        self.show_estimates = bool(show_estimates)
+        self.feedback = bool(feedback)
         self.show_progress = show_progress
         self.verbose = bool(verbose)
+
+    @classmethod
+    def paper_defaults(cls, metric: Callable, **overrides: Any) -> OPRO:
+        """OPRO as the paper runs it (`PAPER_SETTINGS`): any setting can still be changed by name.
+
+        The paper's wording of the meta-prompt, 8 samples per step at temperature 1, the 20 best
+        instructions shown in ascending order of score, 3 training exemplars drawn at random each
+        step and shown with their answers only, and every candidate scored on the whole training set.
+        """
+        return cls(metric, **{**PAPER_SETTINGS, **overrides})
 
     # ------------------------------------------------------------------ compile
     def compile(
@@ -349,6 +371,19 @@ class OPRO(Teleprompter):
         """
         return {name: getattr(self, name) for name in _own_arguments()}
 
+
+PAPER_SETTINGS: dict[str, Any] = {
+    "meta_prompt": "paper",
+    "num_steps": 20,
+    "candidates_per_step": 8,
+    "temperature": 1.0,
+    "max_shown": 20,
+    "num_exemplars": 3,
+    "exemplar_selection": "random",
+    "screening": False,
+    "feedback": False,
+}
+"""The settings of `OPRO.paper_defaults`: the OPRO paper's loop (Yang et al., 2023, section 5.1)."""
 
 _INT_OVERRIDES = {"num_threads": 1, "max_errors": 0, "seed": None}  # per-call settings and their minimum
 _DEFAULTS = {

@@ -71,10 +71,23 @@ class Proposer:
         self.num_threads = num_threads
 
     def history_of(self, name: str, *, all_of_them: bool = False) -> list[Candidate]:
-        """The candidates of predictor ``name``; only the complete ones (those the meta-prompt shows) by default."""
-        return [
-            c for c in self.state.candidates if c.predictor in (name, ALL_PREDICTORS) and (all_of_them or c.complete)
-        ]
+        """The candidates of predictor ``name``; by default only those the meta-prompt may show.
+
+        Those are the complete candidates, and of them, unless ``show_estimates``, only those scored on the
+        whole training set: a candidate that screening stopped after a minibatch has only an estimate, often
+        far off (two proposals that both score 50 can show as 63 and 38), and out of order with the rest.
+        """
+        n = len(self.trainset)
+
+        def shown(c: Candidate) -> bool:
+            return c.complete and (self.settings.show_estimates or c.evaluated == n)
+
+        return [c for c in self.state.candidates if c.predictor in (name, ALL_PREDICTORS) and (all_of_them or shown(c))]
+
+    def _wrong_of_best(self) -> list[int]:
+        """The training examples the current best program answers wrongly."""
+        best = self.state.best
+        return [] if best is None else [j for j, s in enumerate(best.per_example) if s is not None and s < 1.0]
 
     def _shown(self, history: list[Candidate], name: str) -> list[Candidate]:
         by_id = {c.id: c for c in history}
@@ -96,15 +109,21 @@ class Proposer:
             step=step,
             wrong_ever=wrong(history),
             wrong_current=wrong(self._shown(history, self.names[index])),
+            wrong_best=self._wrong_of_best(),
             salt=str(index) if len(self.names) > 1 else "",
         )
 
-    def _exemplar(self, j: int, name: str) -> Exemplar:
+    def _exemplar(self, j: int, name: str, wrong: set[int]) -> Exemplar:
         example = self.trainset[j]
         traced = self.state.best_traces[j].get(name) if j < len(self.state.best_traces) else None
         inputs = traced or {k: str(v) for k, v in example.inputs().items()}
         answer = {k: str(v) for k, v in example.labels().items()}
-        return Exemplar(inputs=inputs, answer=answer)
+        if not (self.settings.feedback and j in wrong and j < len(self.state.best_notes)):
+            return Exemplar(inputs=inputs, answer=answer)
+        note = self.state.best_notes[j] or {}
+        # Only the fields the labels name: the rest (a reasoning field) would crowd the meta-prompt.
+        output = {k: v for k, v in note.get("output", {}).items() if k in answer} or note.get("output") or {}
+        return Exemplar(inputs=inputs, answer=answer, output=output, feedback=note.get("feedback"))
 
     def meta_prompt(self, step: int, index: int) -> tuple[str, list[int]]:
         """The meta-prompt of ``step`` for predictor ``index``, and the exemplar indices it shows."""
@@ -112,9 +131,10 @@ class Proposer:
         history = self.history_of(name)
         chosen = self._exemplars(step, index, history)
         shown = [Scored(c.instructions[name], c.score, c.step) for c in self._shown(history, name)]
+        wrong = set(self._wrong_of_best())
         text = self.family.write(
             shown,
-            exemplars=[self._exemplar(j, name) for j in chosen],
+            exemplars=[self._exemplar(j, name, wrong) for j in chosen],
             task_description=self.settings.task_description or describe_task(self.predictors[name]),
         )
         return text, chosen

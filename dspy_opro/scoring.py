@@ -67,6 +67,9 @@ class Evaluation:
         failures: Failed runs (after retries), over every round and resume.
         first_error: A short description of the first failure, if any.
         traces: With ``capture_traces``, per example: predictor name -> the inputs it received.
+        notes: With ``capture_traces``, per example: what the program answered (``"output"``: output
+            field -> text) and, when the metric returned one, its ``"feedback"`` (GEPA's
+            ``dspy.Prediction(score=..., feedback=...)``).
         strikes: Failed runs in this process's scoring of the candidate (screening rounds and
             repair rounds included); past ``max_errors`` the scoring stops. Not saved.
         last_error: The last failure's exception. Not saved.
@@ -78,12 +81,15 @@ class Evaluation:
     failures: int = 0
     first_error: str | None = None
     traces: list[dict[str, dict[str, str]]] | None = None
+    notes: list[dict[str, Any]] | None = None
     strikes: int = 0
     last_error: BaseException | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, n: int, *, traces: bool = False) -> Evaluation:
-        return cls(scores=[None] * n, traces=[{} for _ in range(n)] if traces else None)
+        if not traces:
+            return cls(scores=[None] * n)
+        return cls(scores=[None] * n, traces=[{} for _ in range(n)], notes=[{} for _ in range(n)])
 
     @property
     def evaluated(self) -> int:
@@ -110,6 +116,7 @@ class Evaluation:
             failures=self.failures,
             first_error=self.first_error,
             traces=None if self.traces is None else [self.traces[j] for j in indices],
+            notes=None if self.notes is None else [self.notes[j] for j in indices],
             strikes=self.strikes,
             last_error=self.last_error,
         )
@@ -121,6 +128,8 @@ class Evaluation:
                 self.scores[j] = other.scores[k]
             if self.traces is not None and other.traces is not None and other.traces[k]:
                 self.traces[j] = other.traces[k]
+            if self.notes is not None and other.notes is not None and other.notes[k]:
+                self.notes[j] = other.notes[k]
             for mine, theirs in ((self.failed, other.failed), (self.program_errors, other.program_errors)):
                 if k in theirs:
                     mine.add(j)
@@ -138,6 +147,7 @@ class Evaluation:
             "failures": self.failures,
             "first_error": self.first_error,
             "traces": self.traces,
+            "notes": self.notes,
         }
 
     @classmethod
@@ -149,7 +159,22 @@ class Evaluation:
             failures=int(data.get("failures", 0)),
             first_error=data.get("first_error"),
             traces=data.get("traces"),
+            notes=data.get("notes"),
         )
+
+
+UNREADABLE = "the program's reply could not be read (no answer in the expected format)"
+NOTE_LENGTH = 300  # characters kept of each output field and of the feedback
+
+
+def _note(prediction: Any, value: Any) -> dict[str, Any]:
+    """What a meta-prompt may show of one run: the program's output fields and the metric's feedback."""
+    items = prediction.items() if hasattr(prediction, "items") else [("answer", prediction)]
+    note: dict[str, Any] = {"output": {str(k): str(v)[:NOTE_LENGTH] for k, v in items}}
+    feedback = getattr(value, "feedback", None)
+    if feedback is not None and str(feedback).strip():
+        note["feedback"] = str(feedback).strip()[:NOTE_LENGTH]
+    return note
 
 
 def _predictor_inputs(program: dspy.Module, trace) -> dict[str, dict[str, str]]:
@@ -223,14 +248,15 @@ class Scorer:
                 prediction = program(**example.inputs())
             except Exception as exc:
                 if classify(exc) == OUTPUT:  # the model answered, unreadably: a wrong answer
-                    return 0.0, {} if capture else None
+                    return 0.0, ({}, {"output": {}, "feedback": UNREADABLE}) if capture else None
                 raise JobError("the program", exc) from exc
             trace = _predictor_inputs(program, dspy.settings.trace) if capture else None
         try:
             value = self.metric(example, prediction)
         except Exception as exc:
             raise JobError("the metric", exc) from exc
-        return as_score(value), trace  # a MetricError here is a bug in the metric: it stops the run
+        score = as_score(value)  # a MetricError here is a bug in the metric: it stops the run
+        return score, (trace, _note(prediction, value)) if capture else None
 
     def _lms(self, programs: Sequence[dspy.Module]) -> list:
         return [self.task_lm] + [p.lm for program in programs for p in program.predictors() if p.lm is not None]
@@ -272,11 +298,11 @@ class Scorer:
                 p, j = todo[i]
                 result = results[p]
                 if outcome.ok:
-                    score, trace = outcome.value
+                    score, captured = outcome.value
                     result.scores[j] = score
                     result.failed.discard(j)
-                    if trace is not None and result.traces is not None:
-                        result.traces[j] = trace
+                    if captured is not None and result.traces is not None:
+                        result.traces[j], result.notes[j] = captured
                     self.counts.metric_calls += 1
                     return False
                 if isinstance(outcome.error, MetricError):

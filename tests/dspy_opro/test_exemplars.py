@@ -46,4 +46,14 @@ def test_small_sets_and_zero():
 def test_unknown_strategy():
     with pytest.raises(ValueError, match="exemplar_selection must be one of"):
         pick("best")
-    assert len(EXEMPLAR_STRATEGIES) == 4
+    assert len(EXEMPLAR_STRATEGIES) == 5
+
+
+def test_best_wrong_draws_from_what_the_best_gets_wrong_afresh_each_step():
+    wrong = [1, 3, 8, 12, 15, 19]
+    draws = {tuple(pick("best_wrong", step=s, wrong_best=wrong)) for s in range(1, 10)}
+    assert all(set(d) <= set(wrong) and len(d) == 3 for d in draws)
+    assert len(draws) > 1
+    # Fewer wrong than asked for: all of them, filled up at random.
+    chosen = pick("best_wrong", wrong_best=[4])
+    assert 4 in chosen and len(chosen) == 3

@@ -60,12 +60,51 @@ def test_base_family_golden():
     expected = """\
 Write a short text, placed where <INS> stands, that makes the answers more precise for this task: add two numbers.
 
+Examples of the task:
+question: What is 2 plus 3?
+answer: 5
+
 Precision: 10 <TEXT></TEXT>
 Precision: 61 <TEXT>Solve it.</TEXT>
 Precision: 73 <TEXT>Let's think step by step.</TEXT>
 Precision: 83 <TEXT>"""
-    # Exemplars are not part of the base wording.
     assert render_meta_prompt("base", HISTORY, EXEMPLARS, task_description="add two numbers") == expected
+    # Without exemplars (num_exemplars=0) the base wording is the goal line and the scored list only.
+    bare = render_meta_prompt("base", HISTORY, task_description="add two numbers")
+    assert bare.splitlines() == [expected.splitlines()[0], ""] + expected.splitlines()[-4:]
+
+
+FAILED = [
+    Exemplar(
+        inputs={"question": "What is 2 plus 3?"},
+        answer={"answer": "5"},
+        output={"answer": "The sum\nis six"},
+        feedback="Expected 5; the answer must be a number.",
+    ),
+    Exemplar(inputs={"question": "What is 1 plus 1?"}, answer={"answer": "2"}, output={"answer": "3"}),
+]
+
+
+def test_feedback_lines_in_every_family():
+    chat = render_meta_prompt("chat", HISTORY, FAILED)
+    assert (
+        "Ground truth answer:\nanswer: 5\nThe best instruction so far gave this wrong answer:\nanswer: The sum\nis six\n"
+        "Feedback on that answer:\nExpected 5; the answer must be a number.\n\nProblem:" in chat
+    )
+    assert "answer: 2\nThe best instruction so far gave this wrong answer:\nanswer: 3\n\nWrite a new" in chat
+    assert chat.count("Feedback on that answer") == 1  # the second exemplar has no feedback
+
+    paper = render_meta_prompt("paper", HISTORY, FAILED)
+    assert "output:\nanswer: 5\nwrong output of the best text so far:\nanswer: The sum\nis six\nfeedback:\n" in paper
+
+    base = render_meta_prompt("base", HISTORY, FAILED, task_description="add two numbers")
+    assert (
+        "question: What is 2 plus 3?\nanswer: 5\n(wrong answer given: The sum is six)\n"
+        "(feedback: Expected 5; the answer must be a number.)\n\nquestion: What is 1 plus 1?\nanswer: 2\n"
+        "(wrong answer given: 3)\n\nPrecision: 10" in base
+    )
+    # Exemplars without an answer of the best program show no failure lines.
+    assert "wrong" not in render_meta_prompt("base", HISTORY, EXEMPLARS)
 
 
 def test_history_is_ascending_capped_and_rounded():
