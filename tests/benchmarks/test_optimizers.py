@@ -6,7 +6,6 @@ only when its instruction mentions plurals, and the prompt model always proposes
 instruction, so an optimizer that reaches its proposer and scores what it proposes ends at 100%.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,20 +13,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from example_scripts import BENCHMARKS, loaded_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_optimizers", ROOT / "benchmarks" / "optimizers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script(BENCHMARKS / "optimizers.py", "bench_optimizers") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_budgets_fit(bench):
