@@ -271,6 +271,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _deliver(self, request: Request, status: int, payload: dict[str, Any], headers=None) -> None:
+        """Send a reply and log it as delivered. It is logged first: a client may read the reply and query the log
+        before this thread runs again."""
+        request.status, request.delivered = status, True
+        try:
+            self._send_json(status, payload, headers)
+        except OSError:
+            request.delivered = False
+            raise
+
     def _client_gone(self) -> bool:
         """Whether the client closed its end (a read would return end-of-file at once)."""
         ready, _, _ = select.select([self.connection], [], [], 0)
@@ -304,11 +314,9 @@ class _Handler(BaseHTTPRequestHandler):
         fault = state._decide(request)
         request.fault = fault
         if fault is not None and fault.kind == "status":
-            request.status = fault.status
             headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
             error = {"message": fault.message, "type": _ERROR_TYPES.get(fault.status, "server_error"), "code": None}
-            self._send_json(fault.status, {"error": error}, headers)
-            request.delivered = True
+            self._deliver(request, fault.status, {"error": error}, headers)
             return
         if fault is not None and fault.kind == "reset":
             request.status = None
@@ -330,13 +338,12 @@ class _Handler(BaseHTTPRequestHandler):
 
         if fault is not None and fault.kind == "malformed":  # no reply is made: the body is cut short
             data = b'{"id": "broken", "choices": [ {"message": '
-            request.status = 200
+            request.status, request.delivered = 200, True  # logged before the client can read it
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
-            request.delivered = True
             return
         text = "" if fault is not None and fault.kind == "empty" else state.reply(request)
         n = int(body.get("n") or 1)
@@ -364,6 +371,4 @@ class _Handler(BaseHTTPRequestHandler):
             "choices": choices,
             "usage": usage,
         }
-        request.status = 200
-        self._send_json(200, payload)
-        request.delivered = True
+        self._deliver(request, 200, payload)
