@@ -94,7 +94,7 @@ class Proposer:
         ranked = choose_shown([Scored(c.id, c.score, c.step) for c in history], max_shown=self.settings.max_shown)
         return [by_id[s.solution] for s in ranked]
 
-    def _exemplars(self, step: int, index: int, history: list[Candidate]) -> list[int]:
+    def _exemplars(self, step: int, index: int, history: list[Candidate], wrong_best: list[int]) -> list[int]:
         def wrong(candidates):
             counter: Counter = Counter()
             for candidate in candidates:
@@ -109,11 +109,11 @@ class Proposer:
             step=step,
             wrong_ever=wrong(history),
             wrong_current=wrong(self._shown(history, self.names[index])),
-            wrong_best=self._wrong_of_best(),
+            wrong_best=wrong_best,
             salt=str(index) if len(self.names) > 1 else "",
         )
 
-    def _exemplar(self, j: int, name: str, wrong: set[int]) -> Exemplar:
+    def _exemplar(self, j: int, name: str, wrong: list[int]) -> Exemplar:
         example = self.trainset[j]
         traced = self.state.best_traces[j].get(name) if j < len(self.state.best_traces) else None
         inputs = traced or {k: str(v) for k, v in example.inputs().items()}
@@ -129,9 +129,9 @@ class Proposer:
         """The meta-prompt of ``step`` for predictor ``index``, and the exemplar indices it shows."""
         name = self.names[index]
         history = self.history_of(name)
-        chosen = self._exemplars(step, index, history)
+        wrong = self._wrong_of_best()
+        chosen = self._exemplars(step, index, history, wrong)
         shown = [Scored(c.instructions[name], c.score, c.step) for c in self._shown(history, name)]
-        wrong = set(self._wrong_of_best())
         text = self.family.write(
             shown,
             exemplars=[self._exemplar(j, name, wrong) for j in chosen],

@@ -78,9 +78,9 @@ class SuiteTask:
         conveys: What the instruction must convey: ``"format"``, ``"operation"`` or ``"language"``.
         summary: One line on what the task asks.
         input_field: The name of the program's single input field.
-        start: The instruction an optimizer starts from: about the task, silent on what matters.
         instructions: Hand-written instructions by role (``start``, ``neutral``, ``good`` and
-            others), for measuring how much the instruction matters.
+            others), for measuring how much the instruction matters; ``start`` is the one an
+            optimizer starts from (`start`).
         metric: ``metric(example, prediction, trace=None) -> 1.0 | 0.0``.
         draw: Draws one ``(input, answer)`` pair from a ``random.Random``.
         capacity: How many distinct inputs ``draw`` can produce (None: far more than any split needs).
@@ -90,11 +90,15 @@ class SuiteTask:
     conveys: str
     summary: str
     input_field: str
-    start: str
     instructions: dict[str, str]
     metric: Callable[..., float]
     draw: Draw
     capacity: int | None = None
+
+    @property
+    def start(self) -> str:
+        """The instruction an optimizer starts from: about the task, silent on what matters."""
+        return self.instructions["start"]
 
     @property
     def signature(self) -> str:
@@ -374,7 +378,6 @@ _TASKS = (
         conveys="format",
         summary="a sentence about a person -> a JSON object with the keys name, age and city",
         input_field="text",
-        start="Extract the information from the text.",
         instructions={
             "start": "Extract the information from the text.",
             "neutral": "Answer the question.",
@@ -389,7 +392,6 @@ _TASKS = (
         conveys="format",
         summary="a comparison of two numbers as a question -> a reply starting with yes or no",
         input_field="question",
-        start="Compare the two numbers.",
         instructions={
             "start": "Compare the two numbers.",
             "neutral": "Answer the question.",
@@ -404,7 +406,6 @@ _TASKS = (
         conveys="format",
         summary="a one-sentence review -> the word positive or negative",
         input_field="review",
-        start="Read the review.",
         instructions={
             "start": "Read the review.",
             "neutral": "Answer the question.",
@@ -419,7 +420,6 @@ _TASKS = (
         conveys="operation",
         summary="a noun -> its plural",
         input_field="word",
-        start="Rewrite the word.",
         instructions={
             "start": "Rewrite the word.",
             "neutral": "Answer the question.",
@@ -435,7 +435,6 @@ _TASKS = (
         conveys="operation",
         summary="a word -> its opposite",
         input_field="word",
-        start="Give a word related to this word.",
         instructions={
             "start": "Give a word related to this word.",
             "neutral": "Answer the question.",
@@ -451,7 +450,6 @@ _TASKS = (
         conveys="language",
         summary="a first name -> a greeting in French that names the person",
         input_field="name",
-        start="Greet the person.",
         instructions={
             "start": "Greet the person.",
             "neutral": "Answer the question.",
