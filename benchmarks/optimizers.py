@@ -17,7 +17,7 @@ Optimizers (``--optimizers``):
   only) with the prompt model's meta-prompt family, at the same budget;
 - ``opro-v0``: OPRO's defaults before the search changes (the "base" family without exemplars,
   screening estimates shown); ``opro-estimates``, ``opro-nofeedback`` and ``opro-noexemplars``
-  undo one change each (`OPRO_VARIANTS`);
+  undo one change each, ``opro-minibatch`` adds the minibatch schedule (`OPRO_VARIANTS`);
 - ``copro``: ``dspy.COPRO``; a single-predictor program costs breadth x depth x len(trainset)
   metric calls, so it runs depth 3 (else 2, else 1) with the largest breadth (>= 4) that fits;
 - ``mipro``: ``dspy.MIPROv2`` with ``max_bootstrapped_demos=0, max_labeled_demos=0``, 8
@@ -84,6 +84,8 @@ OPRO_VARIANTS: dict[str, dict[str, Any]] = {
     "opro-estimates": {"show_estimates": True},
     "opro-nofeedback": {"feedback": False, "exemplar_selection": "random"},
     "opro-noexemplars": {"num_exemplars": 0},
+    # One change at a time, added to the defaults:
+    "opro-minibatch": {"screening": "minibatch"},
 }
 """OPRO's settings in each benchmark column (beside the budget, threads and seed every column shares)."""
 OPTIMIZERS = ("baseline", *OPRO_VARIANTS, "copro", "mipro", "gepa", "gepa-json")

@@ -453,6 +453,7 @@ class InstructionRun:
                 order=example_order(len(examples), self.settings.seed),
                 max_calls=max_calls,
                 known=known,
+                against=self.state.best.per_example if self.settings.screening == "minibatch" else None,
             )
         else:
             evaluations = self.scorer.evaluate(programs, examples, capture_traces=not validation, known=known)

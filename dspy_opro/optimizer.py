@@ -33,6 +33,8 @@ from .loop import InstructionRun, RunDeclinedError
 from .meta_prompt import FAMILIES
 from .models import optimizer_model, resolve_lm
 from .run import check_int, check_temperature, take_renamed
+from .screening import check_schedule
+from .selection import FINAL_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,10 @@ class OPRO(Teleprompter):
             starting instruction when it is not among them, so the result never validates worse
             than the start. Under ``max_metric_calls``, validation takes at most a quarter of the
             budget, so fewer finalists may be validated.
+        final_choice: How the result is chosen among the validated finalists: ``"validation"``
+            (the default) takes the best validation score, ties broken by training score;
+            ``"pooled"`` the best score over the training and validation examples together, which
+            rests on more examples (see `dspy_opro.selection`).
         max_instruction_length: Longer proposals are discarded (characters).
         instruction_filter: Optional ``filter(text) -> bool``; proposals for which it returns
             False are discarded (the reference drops digits on GSM8K, for example).
@@ -120,11 +126,14 @@ class OPRO(Teleprompter):
         screening: Score new candidates on a growing minibatch and stop scoring those that
             cannot plausibly beat the best (see `dspy_opro.screening`); on by default (the README's
             Benchmarks section compares it with full scoring). ``False`` gives the paper's full scoring
-            of every candidate. The best program is still chosen on full training-set scores.
-            MIPROv2's ``compile(minibatch=...)``.
+            of every candidate. ``"minibatch"`` scores every candidate on one minibatch (the same
+            examples for all) and on the rest of the set only when it beats the best program there,
+            and the meta-prompt then shows every candidate's minibatch score: more steps for a budget.
+            The best program is always chosen on full training-set scores. MIPROv2's
+            ``compile(minibatch=...)``.
         show_estimates: Also show the prompt model the candidates that screening stopped early, with
             their minibatch scores (estimates). Off by default: the meta-prompt shows only scores
-            measured on the whole training set.
+            measured on the whole training set. (Not used by ``screening="minibatch"``.)
         feedback: Show, beside each exemplar the current best program answers wrongly, that answer
             and the metric's feedback when it returns one (``dspy.Prediction(score=...,
             feedback=...)``, as GEPA metrics do). On by default; the paper shows answers only.
@@ -160,10 +169,11 @@ class OPRO(Teleprompter):
         log_dir: str | None = None,
         track_stats: bool = True,
         num_final_candidates: int | None = None,
+        final_choice: str = "validation",
         max_instruction_length: int = DEFAULT_MAX_LENGTH,
         instruction_filter: Callable[[str], bool] | None = None,
         task_description: str | None = None,
-        screening: bool = True,
+        screening: bool | str = True,
         show_estimates: bool = False,
         feedback: bool = True,
         show_progress: bool = True,
@@ -211,6 +221,11 @@ class OPRO(Teleprompter):
         if exemplar_selection not in EXEMPLAR_STRATEGIES:
             raise ValueError(f"exemplar_selection must be one of {EXEMPLAR_STRATEGIES}, got {exemplar_selection!r}")
         check_family(meta_prompt, tuple(FAMILIES), auto=True)
+        if final_choice not in FINAL_CHOICES:
+            raise ValueError(
+                f"final_choice must be one of {FINAL_CHOICES}, got {final_choice!r}: 'validation' returns the finalist "
+                "with the best validation score, 'pooled' the best over training and validation examples together"
+            )
         temperature = check_temperature(temperature)
         if instruction_filter is not None and not callable(instruction_filter):
             raise TypeError("instruction_filter must be a callable taking the instruction text")
@@ -238,10 +253,11 @@ class OPRO(Teleprompter):
         self.log_dir = log_dir
         self.track_stats = track_stats
         self.num_final_candidates = num_final_candidates
+        self.final_choice = final_choice
         self.max_instruction_length = max_instruction_length
         self.instruction_filter = instruction_filter
         self.task_description = task_description
-        self.screening = bool(screening)
+        self.screening = check_schedule(screening)
         self.show_estimates = bool(show_estimates)
         self.feedback = bool(feedback)
         self.show_progress = show_progress
@@ -341,7 +357,9 @@ class OPRO(Teleprompter):
         for name, value in overrides.items():
             if name in _INT_OVERRIDES:
                 check_int(name, value, minimum=_INT_OVERRIDES[name])
-            setattr(opt, name, value if name in _INT_OVERRIDES else bool(value))
+            if name == "screening":
+                value = check_schedule(value)
+            setattr(opt, name, value if name in _INT_OVERRIDES or name == "screening" else bool(value))
         n_train, n_val = len(trainset), len(valset or [])
         if trials is not None:
             check_int("num_trials", trials, minimum=1)

@@ -28,6 +28,7 @@ from .inputs import describe_task
 from .meta_prompt import Exemplar, get_family
 from .models import lm_name
 from .sampling import ask
+from .screening import minibatch, shown_score
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Proposer:
         self.calls = without_retries(prompt_lm)  # OPRO retries transient failures itself (dspy_opro.calls)
         self.counter = counter
         self.num_threads = num_threads
+        self.minibatch = minibatch(len(trainset), settings.seed) if settings.screening == "minibatch" else None
 
     def history_of(self, name: str, *, all_of_them: bool = False) -> list[Candidate]:
         """The candidates of predictor ``name``; by default only those the meta-prompt may show.
@@ -76,13 +78,22 @@ class Proposer:
         Those are the complete candidates, and of them, unless ``show_estimates``, only those scored on the
         whole training set: a candidate that screening stopped after a minibatch has only an estimate, often
         far off (two proposals that both score 50 can show as 63 and 38), and out of order with the rest.
+        In the minibatch schedule every candidate is shown with its score on the same minibatch (`score_of`).
         """
         n = len(self.trainset)
 
         def shown(c: Candidate) -> bool:
+            if self.minibatch is not None:
+                return c.complete and shown_score(c.per_example, self.minibatch) is not None
             return c.complete and (self.settings.show_estimates or c.evaluated == n)
 
         return [c for c in self.state.candidates if c.predictor in (name, ALL_PREDICTORS) and (all_of_them or shown(c))]
+
+    def score_of(self, candidate: Candidate) -> float:
+        """The score the meta-prompt shows: on the run's minibatch in the minibatch schedule, else the training score."""
+        if self.minibatch is not None:
+            return shown_score(candidate.per_example, self.minibatch)
+        return candidate.score
 
     def _wrong_of_best(self) -> list[int]:
         """The training examples the current best program answers wrongly."""
@@ -91,7 +102,8 @@ class Proposer:
 
     def _shown(self, history: list[Candidate], name: str) -> list[Candidate]:
         by_id = {c.id: c for c in history}
-        ranked = choose_shown([Scored(c.id, c.score, c.step) for c in history], max_shown=self.settings.max_shown)
+        scored = [Scored(c.id, self.score_of(c), c.step) for c in history]
+        ranked = choose_shown(scored, max_shown=self.settings.max_shown)
         return [by_id[s.solution] for s in ranked]
 
     def _exemplars(self, step: int, index: int, history: list[Candidate], wrong_best: list[int]) -> list[int]:
@@ -131,7 +143,7 @@ class Proposer:
         history = self.history_of(name)
         wrong = self._wrong_of_best()
         chosen = self._exemplars(step, index, history, wrong)
-        shown = [Scored(c.instructions[name], c.score, c.step) for c in self._shown(history, name)]
+        shown = [Scored(c.instructions[name], self.score_of(c), c.step) for c in self._shown(history, name)]
         text = self.family.write(
             shown,
             exemplars=[self._exemplar(j, name, wrong) for j in chosen],

@@ -19,6 +19,13 @@ examples again before it returns, and a candidate's failures add up over its rou
 the same decisions and runs only the examples that have no score.
 `affordable` says how many new candidates a budget can start, screened or not.
 `dspy_opro.OPRO` screens by default; ``screening=False`` scores as the reference does.
+
+``screening="minibatch"`` is the cheaper schedule, the rule GEPA uses to accept a candidate: every new
+candidate is scored on the first minibatch only (the same examples for every candidate of the run,
+`minibatch`), and only a candidate that scores strictly higher there than the current best program
+does on those same examples is scored on the rest of the set. Most candidates then cost one minibatch,
+so a budget buys more steps; every candidate has a score on the same examples, which is what the
+meta-prompt shows in this schedule (`shown_score`).
 """
 
 from __future__ import annotations
@@ -73,6 +80,34 @@ def affordable(candidates: int, n_examples: int, budget: float, *, screened: boo
     return max(0, min(candidates, int(budget // cost)))
 
 
+SCHEDULES = (True, False, "minibatch")
+"""The values of ``OPRO(screening=...)``: the bound rounds, full scoring, the minibatch schedule."""
+
+
+def check_schedule(screening: object) -> bool | str:
+    """``screening`` as one of `SCHEDULES`, or a `ValueError` that lists them."""
+    if screening in (True, False) or screening == "minibatch":
+        return screening if isinstance(screening, str) else bool(screening)
+    raise ValueError(
+        f"screening={screening!r} is not a schedule: use True (stop hopeless candidates early, the default), "
+        'False (score every candidate on the whole trainset, as the paper does) or "minibatch" (score every '
+        "candidate on one minibatch and the rest of the set only when it beats the best there)"
+    )
+
+
+def minibatch(n_examples: int, seed: int) -> list[int]:
+    """The examples every candidate is scored on first: the first round of `example_order`."""
+    return example_order(n_examples, seed)[: min(n_examples, first_batch_size(n_examples))]
+
+
+def shown_score(per_example: Sequence[float | None], examples: Sequence[int]) -> float | None:
+    """The score, 0-100, on ``examples``; ``None`` when one of them has no score."""
+    values = [per_example[j] for j in examples]
+    if any(v is None for v in values):
+        return None
+    return 100.0 * sum(values) / len(values)
+
+
 def example_order(n_examples: int, seed: int) -> list[int]:
     """The fixed order in which screening visits the training set."""
     order = list(range(n_examples))
@@ -91,6 +126,7 @@ def screen(
     first_batch: int | None = None,
     max_calls: int | None = None,
     known: Sequence[Evaluation | None] | None = None,
+    against: Sequence[float | None] | None = None,
 ) -> list[Evaluation]:
     """Score ``programs`` with early stopping (see the module docstring).
 
@@ -107,6 +143,10 @@ def screen(
             scores (``evaluated`` below the set size), and screening ends when nothing fits.
         known: Per program, results measured on ``examples`` by a run that stopped. Rounds are
             replayed in the same order with the same decisions; only examples without a score run.
+        against: The minibatch schedule: the current best program's per-example scores. After the
+            first round only the candidates that score strictly higher than it on that round's
+            examples go on, and they are scored on the rest of the set in one round; ``threshold``
+            and ``z`` are then not used.
 
     Returns:
         One `Evaluation` per program; ``scores[j]`` is ``None`` for examples it was not run on.
@@ -120,7 +160,10 @@ def screen(
         results[i].failures = earlier.failures if earlier is not None else 0
     alive = list(range(len(programs)))
     start, left = 0, max_calls
-    for end in batch_ends(n, first_batch or first_batch_size(n)):
+    ends = batch_ends(n, first_batch or first_batch_size(n))
+    if against is not None:
+        ends = sorted({ends[0], n})
+    for end in ends:
         chunk = list(order[start:end])
         if left is not None:
             fit = left // len(chunk)
@@ -146,12 +189,20 @@ def screen(
         for i, evaluation in zip(alive, evaluations, strict=True):
             results[i].update(evaluation, chunk)
         start = end
-        if end < n:
+        if end < n and against is not None:
+            to_beat = shown_score(against, chunk)
+            alive = [i for i in alive if _beats(shown_score(results[i].scores, chunk), to_beat)]
+        elif end < n:
             # The bound is on the success rate, a fraction: scores are percentages.
             alive = [i for i in alive if wilson_upper(results[i].score / 100, end, z) >= threshold / 100]
         if not alive:
             break
     return results
+
+
+def _beats(score: float | None, to_beat: float | None) -> bool:
+    """The minibatch schedule's rule: strictly higher than the best on the same examples."""
+    return score is not None and (to_beat is None or score > to_beat)
 
 
 def _round_input(result: Evaluation, known: Evaluation | None, chunk: list[int]) -> Evaluation:

@@ -2,7 +2,11 @@
 
 Without a valset the best training score wins. With one, the best ``num_final_candidates`` distinct
 configurations by training score (and the best starting one, so that the result never validates worse
-than the start) are scored on the valset and the best there is returned. Under ``max_metric_calls``,
+than the start) are scored on the valset, and `FINAL_CHOICES` says which of them is returned:
+``"validation"`` the best validation score (ties by training score), ``"pooled"`` the best score over
+the training and validation examples together (ties by validation score). A validation score rests on
+few examples; the pooled score on more, though its training part is what chose the finalists.
+`benchmarks/final_choice.py` compares the two rules on held-out test data. Under ``max_metric_calls``,
 validation takes at most a quarter of the budget (`finalist_count`). A validation that a stop cut short
 is resumed with the same plan and budget.
 """
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 VALIDATION_SHARE = 4  # under a budget, validation takes at most 1/VALIDATION_SHARE of it
+FINAL_CHOICES = ("validation", "pooled")
 
 
 def finalist_count(num_final_candidates: int, max_metric_calls: int | None, n_val: int) -> int:
@@ -66,7 +71,7 @@ def choose(run: InstructionRun) -> Candidate:
     if todo:
         _validate(run, todo)
     validated = [c for c in finalists if c.val_score is not None]
-    chosen = max(validated, key=lambda c: (c.val_score, c.score, -c.id)) if validated else state.best
+    chosen = max(validated, key=_ranking(run)) if validated else state.best
     state.selection = {"on": "valset", "finalists": ids, "chosen": chosen.id}
     logger.info(
         "Chose candidate %d: train %.1f, validation %s",
@@ -75,6 +80,14 @@ def choose(run: InstructionRun) -> Candidate:
         "n/a" if chosen.val_score is None else f"{chosen.val_score:.1f}",
     )
     return chosen
+
+
+def _ranking(run: InstructionRun):
+    """The sort key of the run's ``final_choice`` (higher is better; earlier candidates win ties)."""
+    if run.settings.final_choice == "pooled":
+        n_train, n_val = len(run.trainset), len(run.valset)
+        return lambda c: ((c.score * n_train + c.val_score * n_val) / (n_train + n_val), c.val_score, -c.id)
+    return lambda c: (c.val_score, c.score, -c.id)
 
 
 def _validate(run: InstructionRun, todo: list[Candidate]) -> None:

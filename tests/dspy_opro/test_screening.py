@@ -5,7 +5,17 @@ import pytest
 from opro_scripted import make_trainset, metric, task_lm
 
 from dspy_opro import OPRO
-from dspy_opro.screening import affordable, batch_ends, example_order, first_batch_size, screen, wilson_upper
+from dspy_opro.screening import (
+    affordable,
+    batch_ends,
+    check_schedule,
+    example_order,
+    first_batch_size,
+    minibatch,
+    screen,
+    shown_score,
+    wilson_upper,
+)
 from dspy_opro.testing import scripted_lm
 
 
@@ -112,3 +122,42 @@ def test_screening_says_how_many_new_candidates_a_budget_can_start():
     assert affordable(8, 64, 64, screened=False) == 1  # a full-set candidate costs 64 calls
     assert affordable(8, 64, 64, screened=True) == 8  # a screened one may cost only its first batch of 8
     assert affordable(8, 64, 7, screened=True) == 0 and affordable(8, 64, -5, screened=False) == 0
+
+
+def test_the_minibatch_schedule_goes_on_only_with_candidates_that_beat_the_best_on_the_same_examples():
+    scorer = CountingScorer()
+    examples, order = list(range(16)), list(range(16))
+    best = [float(2 > e % 4) for e in examples]  # program 2 is the best so far: 50 on the minibatch
+    results = screen(scorer, [1, 4, 2, 3], examples, threshold=0.0, order=order, first_batch=4, against=best)
+    # 1 (25) and 2 (a tie at 50) stop after the minibatch; 4 (100) and 3 (75) are scored on the other 12.
+    assert [r.evaluated for r in results] == [4, 16, 4, 16]
+    assert scorer.calls == 4 * 4 + 2 * 12
+    assert [shown_score(r.scores, order[:4]) for r in results] == [25.0, 100.0, 50.0, 75.0]
+    # Under a budget the leaders go on first, as in the bound rounds.
+    results = screen(
+        CountingScorer(), [1, 4, 2, 3], examples, threshold=0.0, order=order, first_batch=4, against=best, max_calls=28
+    )
+    assert [r.evaluated for r in results] == [4, 16, 4, 4]
+
+
+def test_the_minibatch_is_the_first_round_and_the_same_for_every_step():
+    assert minibatch(64, 3) == example_order(64, 3)[:8] and minibatch(5, 0) == example_order(5, 0)
+    assert shown_score([1.0, None, 0.0, 1.0], [0, 3]) == 100.0 and shown_score([1.0, None], [0, 1]) is None
+
+
+@pytest.mark.parametrize("value", ["paired", 2, None])
+def test_an_unknown_schedule_is_refused_with_the_choices(value):
+    with pytest.raises(ValueError, match=r"True .* False .* \"minibatch\""):
+        check_schedule(value)
+    with pytest.raises(ValueError, match="is not a schedule"):
+        OPRO(metric, screening=value)
+    assert check_schedule(1) is True and check_schedule("minibatch") == "minibatch"
+
+
+def test_the_minibatch_schedule_finds_the_best_and_scores_the_others_on_one_minibatch():
+    scheduled = run("minibatch")
+    assert scheduled.predictors()[0].signature.instructions == "Answer with the number only."
+    assert scheduled.score == 100.0
+    evaluated = sorted(c["evaluated"] for c in scheduled.candidate_programs if c["step"] == 1)
+    assert evaluated == [8] * 7 + [64]
+    assert scheduled.call_counts["metric_calls"] == 64 + 8 * 8 + 56

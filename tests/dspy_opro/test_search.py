@@ -58,6 +58,24 @@ def test_under_screening_the_meta_prompt_shows_full_set_scores_unless_asked(show
         assert all(evaluated[text] == len(trainset) for text in shown)
 
 
+def test_in_the_minibatch_schedule_the_meta_prompt_shows_every_candidate_with_its_minibatch_score():
+    from opro_scripted import answer_for
+
+    from dspy_opro.screening import minibatch
+
+    trainset = make_trainset(32)
+    optimizer = HalfBadOptimizer()
+    program = run(optimizer, trainset, screening="minibatch", seed=0)
+    evaluated = {c["instruction"]: c["evaluated"] for c in program.candidate_programs}
+    assert any(n < len(trainset) for n in evaluated.values())  # most candidates cost the minibatch only
+    batch = [trainset[j] for j in minibatch(len(trainset), 0)]
+    shown = {text: int(score) for prompt in optimizer.prompts[1:] for text, score in SHOWN.findall(prompt)}
+    assert {text for text, n in evaluated.items() if n < len(trainset)} & set(shown)
+    for text, score in shown.items():
+        right = sum(answer_for(e.question, text) == e.answer for e in batch)
+        assert score == round(100 * right / len(batch))
+
+
 def gepa_metric(gold, pred, trace, pred_name, pred_trace):
     right = metric(gold, pred)
     return dspy.Prediction(score=float(right), feedback="" if right else f"The sum is {gold.answer}.")
