@@ -14,7 +14,8 @@ is resumed with the same plan and budget.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .calls import TaskFailureError
 from .history import Candidate
@@ -71,7 +72,8 @@ def choose(run: InstructionRun) -> Candidate:
     if todo:
         _validate(run, todo)
     validated = [c for c in finalists if c.val_score is not None]
-    chosen = max(validated, key=_ranking(run)) if validated else state.best
+    key = ranking(run.settings.final_choice, len(run.trainset), len(valset))
+    chosen = max(validated, key=key) if validated else state.best
     state.selection = {"on": "valset", "finalists": ids, "chosen": chosen.id}
     logger.info(
         "Chose candidate %d: train %.1f, validation %s",
@@ -82,10 +84,10 @@ def choose(run: InstructionRun) -> Candidate:
     return chosen
 
 
-def _ranking(run: InstructionRun):
-    """The sort key of the run's ``final_choice`` (higher is better; earlier candidates win ties)."""
-    if run.settings.final_choice == "pooled":
-        n_train, n_val = len(run.trainset), len(run.valset)
+def ranking(final_choice: str, n_train: int, n_val: int) -> Callable[[Any], tuple]:
+    """The sort key of a `FINAL_CHOICES` rule over validated candidates (anything with ``score``,
+    ``val_score`` and ``id``): higher is better, and the earlier candidate wins a tie."""
+    if final_choice == "pooled":
         return lambda c: ((c.score * n_train + c.val_score * n_val) / (n_train + n_val), c.val_score, -c.id)
     return lambda c: (c.val_score, c.score, -c.id)
 
