@@ -5,9 +5,8 @@ set and returning one of them (`dspy_opro.selection`). This script takes the OPR
 ``--results`` (by `benchmarks/optimizers.py`), scores every validated finalist of each run on that
 run's test split, and reports the mean test accuracy that each rule of choice would have returned:
 
-- ``validation``: the best validation score, ties by training score (OPRO's default, ``final_choice``);
-- ``pooled``: the best score over training and validation examples together, ties by validation score
-  (``final_choice="pooled"``);
+- ``validation``: the best validation score, ties by training score (OPRO's rule, `dspy_opro.selection.rank`);
+- ``pooled``: the best score over training and validation examples together, ties by validation score;
 - ``train``: the best training score (what a run without a valset returns);
 - ``start``: the starting instruction (no optimization);
 - ``oracle``: the best test score among the finalists (what no rule can beat).
@@ -34,7 +33,7 @@ import dspy  # noqa: E402
 import optimizers as bench  # noqa: E402
 
 from dspy_opro.models import setup_models  # noqa: E402
-from dspy_opro.selection import FINAL_CHOICES, ranking  # noqa: E402
+from dspy_opro.selection import rank  # noqa: E402
 
 RULES = ("validation", "pooled", "train", "start", "oracle")
 
@@ -45,13 +44,17 @@ def finalists(record: dict) -> list[dict]:
 
 
 def choose(rule: str, candidates: list[dict], sizes: dict) -> dict:
-    """The finalist ``rule`` returns: OPRO's own ranking (`dspy_opro.selection.ranking`) for its rules;
-    the earlier candidate wins a remaining tie."""
-    if rule in FINAL_CHOICES:
-        key = ranking(rule, sizes["train"], sizes["val"])
-        return max(candidates, key=lambda c: key(SimpleNamespace(**c)))
-    other = {"train": lambda c: c["score"], "start": lambda c: c["step"] == 0, "oracle": lambda c: c["test"]}[rule]
-    return max(candidates, key=lambda c: (other(c), -c["id"]))
+    """The finalist ``rule`` returns; the earlier candidate wins a remaining tie."""
+    if rule == "validation":  # OPRO's own rule
+        return max(candidates, key=lambda c: rank(SimpleNamespace(**c)))
+    n_train, n_val = sizes["train"], sizes["val"]
+    key = {
+        "pooled": lambda c: ((c["score"] * n_train + c["val_score"] * n_val) / (n_train + n_val), c["val_score"]),
+        "train": lambda c: (c["score"],),
+        "start": lambda c: (c["step"] == 0,),
+        "oracle": lambda c: (c["test"],),
+    }[rule]
+    return max(candidates, key=lambda c: (*key(c), -c["id"]))
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ from .meta_prompt import FAMILIES
 from .models import optimizer_model, resolve_lm
 from .run import check_int, check_temperature, take_renamed
 from .screening import check_schedule
-from .selection import FINAL_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +113,6 @@ class OPRO(Teleprompter):
             starting instruction when it is not among them, so the result never validates worse
             than the start. Under ``max_metric_calls``, validation takes at most a quarter of the
             budget, so fewer finalists may be validated.
-        final_choice: How the result is chosen among the validated finalists: ``"validation"``
-            (the default) takes the best validation score, ties broken by training score;
-            ``"pooled"`` the best score over the training and validation examples together, which
-            rests on more examples (see `dspy_opro.selection`).
         max_instruction_length: Longer proposals are discarded (characters).
         instruction_filter: Optional ``filter(text) -> bool``; proposals for which it returns
             False are discarded (the reference drops digits on GSM8K, for example).
@@ -169,7 +164,6 @@ class OPRO(Teleprompter):
         log_dir: str | None = None,
         track_stats: bool = True,
         num_final_candidates: int | None = None,
-        final_choice: str = "validation",
         max_instruction_length: int = DEFAULT_MAX_LENGTH,
         instruction_filter: Callable[[str], bool] | None = None,
         task_description: str | None = None,
@@ -221,11 +215,6 @@ class OPRO(Teleprompter):
         if exemplar_selection not in EXEMPLAR_STRATEGIES:
             raise ValueError(f"exemplar_selection must be one of {EXEMPLAR_STRATEGIES}, got {exemplar_selection!r}")
         check_family(meta_prompt, tuple(FAMILIES), auto=True)
-        if final_choice not in FINAL_CHOICES:
-            raise ValueError(
-                f"final_choice must be one of {FINAL_CHOICES}, got {final_choice!r}: 'validation' returns the finalist "
-                "with the best validation score, 'pooled' the best over training and validation examples together"
-            )
         temperature = check_temperature(temperature)
         if instruction_filter is not None and not callable(instruction_filter):
             raise TypeError("instruction_filter must be a callable taking the instruction text")
@@ -253,7 +242,6 @@ class OPRO(Teleprompter):
         self.log_dir = log_dir
         self.track_stats = track_stats
         self.num_final_candidates = num_final_candidates
-        self.final_choice = final_choice
         self.max_instruction_length = max_instruction_length
         self.instruction_filter = instruction_filter
         self.task_description = task_description

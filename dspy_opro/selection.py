@@ -2,11 +2,9 @@
 
 Without a valset the best training score wins. With one, the best ``num_final_candidates`` distinct
 configurations by training score (and the best starting one, so that the result never validates worse
-than the start) are scored on the valset, and `FINAL_CHOICES` says which of them is returned:
-``"validation"`` the best validation score (ties by training score), ``"pooled"`` the best score over
-the training and validation examples together (ties by validation score). A validation score rests on
-few examples; the pooled score on more, though its training part is what chose the finalists.
-`benchmarks/final_choice.py` compares the two rules on held-out test data. Under ``max_metric_calls``,
+than the start) are scored on the valset, and the best validation score wins, ties broken by the
+training score (`rank`). `benchmarks/final_choice.py` measures this rule against others (the best
+training score, the best score over both sets, the start) on held-out test data. Under ``max_metric_calls``,
 validation takes at most a quarter of the budget (`finalist_count`). A validation that a stop cut short
 is resumed with the same plan and budget.
 """
@@ -14,7 +12,6 @@ is resumed with the same plan and budget.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .calls import TaskFailureError
@@ -27,7 +24,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 VALIDATION_SHARE = 4  # under a budget, validation takes at most 1/VALIDATION_SHARE of it
-FINAL_CHOICES = ("validation", "pooled")
 
 
 def finalist_count(num_final_candidates: int, max_metric_calls: int | None, n_val: int) -> int:
@@ -72,8 +68,7 @@ def choose(run: InstructionRun) -> Candidate:
     if todo:
         _validate(run, todo)
     validated = [c for c in finalists if c.val_score is not None]
-    key = ranking(run.settings.final_choice, len(run.trainset), len(valset))
-    chosen = max(validated, key=key) if validated else state.best
+    chosen = max(validated, key=rank) if validated else state.best
     state.selection = {"on": "valset", "finalists": ids, "chosen": chosen.id}
     logger.info(
         "Chose candidate %d: train %.1f, validation %s",
@@ -84,12 +79,10 @@ def choose(run: InstructionRun) -> Candidate:
     return chosen
 
 
-def ranking(final_choice: str, n_train: int, n_val: int) -> Callable[[Any], tuple]:
-    """The sort key of a `FINAL_CHOICES` rule over validated candidates (anything with ``score``,
-    ``val_score`` and ``id``): higher is better, and the earlier candidate wins a tie."""
-    if final_choice == "pooled":
-        return lambda c: ((c.score * n_train + c.val_score * n_val) / (n_train + n_val), c.val_score, -c.id)
-    return lambda c: (c.val_score, c.score, -c.id)
+def rank(candidate: Any) -> tuple:
+    """The final choice's sort key over validated candidates (anything with ``val_score``, ``score`` and
+    ``id``): the best validation score, then the best training score, then the earlier candidate."""
+    return (candidate.val_score, candidate.score, -candidate.id)
 
 
 def _validate(run: InstructionRun, todo: list[Candidate]) -> None:

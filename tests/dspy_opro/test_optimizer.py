@@ -208,32 +208,6 @@ def test_the_start_is_always_validated_and_kept_when_nothing_beats_it_there():
     assert validated == [(0, 0.0, 100.0), (1, 100.0, 0.0), (1, 100.0, 0.0)]
 
 
-@pytest.mark.parametrize("final_choice", ["validation", "pooled"])
-def test_the_final_choice_is_the_best_validation_score_or_the_best_over_both_sets(final_choice):
-    # Training questions have even A ("number" needed), the validation set 7 odd A ("only") and 3 even.
-    # The start "Answer only." scores 0 on training and 70 on validation; "Give the number ..." 100 and 30.
-    # Over the 20 examples of both sets: 35 and 65.
-    train = [e for e in make_trainset(20) if int(e.question.split()[2]) % 2 == 0]
-    val = [e for e in make_trainset(14, offset=100) if int(e.question.split()[2]) % 2 == 1][:7]
-    val += [e for e in make_trainset(6, offset=200) if int(e.question.split()[2]) % 2 == 0][:3]
-    program = opro(
-        prompt_model=scripted_lm(lambda call: "<INS>Give the number now.</INS>", model="scripted/optimizer"),
-        num_steps=1,
-        num_final_candidates=2,
-        initial_instructions="Answer only.",
-        final_choice=final_choice,
-    ).compile(dspy.Predict("question -> answer"), trainset=train, valset=val)
-    chosen = program.candidate_programs[0]
-    expected = {"validation": ("Answer only.", 70.0), "pooled": ("Give the number now.", 30.0)}[final_choice]
-    assert (chosen["instruction"], chosen["val_score"]) == expected
-    assert program.call_counts["metric_calls"] == 2 * len(train) + 2 * len(val)  # the same finalists either way
-
-
-def test_an_unknown_final_choice_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="final_choice must be one of .*'pooled'"):
-        OPRO(metric, final_choice="test")
-
-
 def test_resume_after_interruption_gives_the_same_history(tmp_path):
     student, train = dspy.Predict("question -> answer"), make_trainset(8)
     kwargs = dict(num_steps=4, num_threads=1, initial_instructions="Answer.")
