@@ -345,9 +345,11 @@ class OPRO(Teleprompter):
         for name, value in overrides.items():
             if name in _INT_OVERRIDES:
                 check_int(name, value, minimum=_INT_OVERRIDES[name])
-            if name == "screening":
+            elif name == "screening":
                 value = check_schedule(value)
-            setattr(opt, name, value if name in _INT_OVERRIDES or name == "screening" else bool(value))
+            else:
+                value = bool(value)
+            setattr(opt, name, value)
         n_train, n_val = len(trainset), len(valset or [])
         if trials is not None:
             check_int("num_trials", trials, minimum=1)

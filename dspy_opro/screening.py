@@ -86,7 +86,7 @@ SCHEDULES = (True, False, "minibatch")
 
 def check_schedule(screening: object) -> bool | str:
     """``screening`` as one of `SCHEDULES`, or a `ValueError` that lists them."""
-    if screening in (True, False) or screening == "minibatch":
+    if screening in SCHEDULES:
         return screening if isinstance(screening, str) else bool(screening)
     raise ValueError(
         f"screening={screening!r} is not a schedule: use True (stop hopeless candidates early, the default), "
